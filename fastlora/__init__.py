@@ -1,0 +1,38 @@
+"""fastlora: fast, memory-lean LoRA / QLoRA fine-tuning for PyTorch and Hugging Face models.
+
+Public API::
+
+    model = fastlora.patch(model, method="lora", r=16, alpha=32)   # or method="lora_ga", data=...
+    fastlora.save_adapter(model, "out/")                          # a plain PEFT LoRA adapter
+    model = fastlora.load_adapter(base_model, "out/")
+    model = fastlora.unpatch(model, merge=True)
+
+Only torch is needed to import fastlora; bitsandbytes, transformers, peft and triton are used
+when present.
+"""
+
+from __future__ import annotations
+
+from ._backend import get_backend, set_backend
+from .adapter import load_adapter, save_adapter
+from .layer import LoraLinear
+from .patching import lora_layers, patch, register_method, unpatch
+from .quant import QuantizedWeight, dequantize, quantize_4bit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "patch",
+    "unpatch",
+    "save_adapter",
+    "load_adapter",
+    "LoraLinear",
+    "lora_layers",
+    "register_method",
+    "set_backend",
+    "get_backend",
+    "QuantizedWeight",
+    "quantize_4bit",
+    "dequantize",
+    "__version__",
+]

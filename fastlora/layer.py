@@ -1,0 +1,181 @@
+"""``LoraLinear``: a frozen base linear layer plus a trainable low-rank update, one autograd op."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .ops import lora_linear
+from .ops.reference import BaseWeight, base_weight_dense
+from .quant import from_bnb, is_bnb_4bit
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' ``Conv1D`` (GPT-2's linear layer, weight stored ``[in, out]``)."""
+    return type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+
+
+def base_features(base: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a supported base layer."""
+    if is_conv1d(base):
+        return base.weight.shape[0], base.weight.shape[1]
+    return base.in_features, base.out_features
+
+
+class LoraLinear(nn.Module):
+    """A linear layer ``y = base(x) + scaling · dropout(x)·lora_Aᵀ·lora_Bᵀ`` with ``base`` frozen.
+
+    Attributes:
+        base_layer: the original ``nn.Linear``, ``bitsandbytes.nn.Linear4bit`` or transformers
+            ``Conv1D``, unchanged and frozen.
+        lora_A: ``nn.Parameter [r, in_features]``.
+        lora_B: ``nn.Parameter [out_features, r]``.
+        scaling: ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        lora_A0, lora_B0: optional frozen buffers of a second low-rank term that is *subtracted*:
+            the layer computes ``W0 + scaling·(B·A − B0·A0)``. LoRA-GA uses it to offset a 4-bit
+            ``W0`` exactly instead of re-quantising it.
+        name: the module's path in the model, used in error messages and adapter keys.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        lora_alpha: float,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        dtype: torch.dtype | None = None,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        in_features, out_features = base_features(base_layer)
+        if not isinstance(r, int) or r <= 0 or r > min(in_features, out_features):
+            raise ValueError(
+                f"fastlora: r={r} does not fit layer {name or type(base_layer).__name__} "
+                f"({in_features}->{out_features}); choose 1 <= r <= {min(in_features, out_features)}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"fastlora: dropout must be in [0, 1), got {dropout}")
+        self.base_layer = base_layer
+        self.name = name
+        self.in_features, self.out_features = in_features, out_features
+        self.r, self.lora_alpha, self.use_rslora, self.dropout = r, float(lora_alpha), use_rslora, float(dropout)
+        self.scaling = self.lora_alpha / (math.sqrt(r) if use_rslora else r)
+        device = next(base_layer.parameters()).device
+        param_dtype = dtype or self._default_param_dtype()
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=param_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=param_dtype))
+        self.register_buffer("lora_A0", None)
+        self.register_buffer("lora_B0", None)
+        # True when the frozen term was already subtracted from a float W0 in place (LoRA-GA on a
+        # float model): forward then skips it, but exports and merges still account for it.
+        self.offset_in_base = False
+        self.reset_parameters()
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+
+    def _default_param_dtype(self) -> torch.dtype:
+        # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype=True): optimizer states stay
+        # exact; the op casts A and B to the activation dtype per call.
+        return torch.float32
+
+    def reset_parameters(self) -> None:
+        """PEFT's default init: A Kaiming-uniform (a=√5), B zero, so the layer starts equal to its base."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    # -- base weight access -------------------------------------------------------------------
+    @property
+    def is_quantized(self) -> bool:
+        return is_bnb_4bit(self.base_layer)
+
+    def base_weight(self) -> BaseWeight:
+        """W0 as the op takes it: a dense ``[out, in]`` tensor (a view for Conv1D) or a 4-bit weight."""
+        if self.is_quantized:
+            return from_bnb(self.base_layer)
+        w = self.base_layer.weight
+        return w.t() if is_conv1d(self.base_layer) else w
+
+    def dense_base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W0 as a dense ``[out, in]`` tensor (dequantised for 4-bit bases)."""
+        base = self.base_weight()
+        if dtype is None:
+            dtype = base.dtype
+        return base_weight_dense(base, dtype)
+
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """What the layer adds to its current base weight, as a dense ``[out, in]`` tensor.
+
+        ``scaling·(B·A − B0·A0)`` when the frozen term is applied in forward, else ``scaling·B·A``.
+        """
+        delta = self.lora_B.to(dtype) @ self.lora_A.to(dtype)
+        if self.lora_A0 is not None and not self.offset_in_base:
+            delta = delta - self.lora_B0.to(dtype) @ self.lora_A0.to(dtype)
+        return delta * self.scaling
+
+    def export(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, alpha)`` of a plain LoRA equal to this layer's update of the *original* W0.
+
+        With a frozen term the rank doubles, ``A' = [A; A0]``, ``B' = [B, −B0]``, and alpha is raised
+        so that the scaling is unchanged: ``2·alpha`` (alpha/r), or ``√2·alpha`` with rsLoRA
+        (alpha/√r).
+        """
+        A, B = self.lora_A.detach(), self.lora_B.detach()
+        if self.lora_A0 is None:
+            return A, B, self.lora_alpha
+        A = torch.cat([A, self.lora_A0.to(A.dtype)], dim=0)
+        B = torch.cat([B, -self.lora_B0.to(B.dtype)], dim=1)
+        alpha = self.lora_alpha * (math.sqrt(2.0) if self.use_rslora else 2.0)
+        return A, B, alpha
+
+    def set_frozen_offset(self, lora_A0: torch.Tensor | None, lora_B0: torch.Tensor | None) -> None:
+        """Install (or clear, with ``None``) the frozen term subtracted from the update."""
+        if (lora_A0 is None) != (lora_B0 is None):
+            raise ValueError("fastlora: lora_A0 and lora_B0 must be given together")
+        if lora_A0 is not None:
+            if lora_A0.shape[1] != self.in_features or lora_B0.shape[0] != self.out_features:
+                raise ValueError(f"fastlora: frozen offset shapes do not fit layer {self.name}")
+            lora_A0 = lora_A0.detach().to(self.lora_A.device, self.lora_A.dtype)
+            lora_B0 = lora_B0.detach().to(self.lora_B.device, self.lora_B.dtype)
+        self.lora_A0, self.lora_B0 = lora_A0, lora_B0
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        if not self.is_quantized:
+            w_dtype = self.base_layer.weight.dtype
+            if x.dtype != w_dtype:
+                raise TypeError(
+                    f"fastlora: layer {self.name or 'LoraLinear'} has {w_dtype} weights but got {x.dtype} input; "
+                    f"cast the input (x.to({w_dtype})) or the model (model.to({x.dtype})), or run under torch.autocast"
+                )
+        return x.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self._compute_dtype(x)
+        lora_A, lora_B = self.lora_A.to(dtype), self.lora_B.to(dtype)
+        if self.lora_A0 is not None and not self.offset_in_base:
+            # Rank-2r op with the frozen half negated: W0 + s·(B·A − B0·A0) in one pass.
+            lora_A = torch.cat([lora_A, self.lora_A0.to(dtype)], dim=0)
+            lora_B = torch.cat([lora_B, -self.lora_B0.to(dtype)], dim=1)
+        bias = self.base_layer.bias
+        if bias is not None:
+            bias = bias.to(dtype)
+        p = self.dropout if self.training else 0.0
+        # The seed comes from torch's global RNG so torch.manual_seed makes runs repeatable.
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0.0 else 0
+        base = self.base_weight()
+        if isinstance(base, torch.Tensor):
+            base = base.to(dtype)
+        return lora_linear(x.to(dtype), base, lora_A, lora_B, self.scaling, bias, p, seed)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.dropout}, "
+            f"quantized={self.is_quantized}"
+        )

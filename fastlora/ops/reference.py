@@ -1,0 +1,98 @@
+"""Pure-PyTorch reference of the LoRA linear op: the CPU path and the kernels' ground truth.
+
+    y = x·W0ᵀ + s·(drop(x)·Aᵀ)·Bᵀ (+ bias)
+
+Backward, with xa = drop(x)·Aᵀ saved from the forward and g = dY·B:
+
+    dX = dY·W0 + s·(g·A) ⊙ mask      dA = s·gᵀ·drop(x)      dB = s·dYᵀ·xa
+
+W0 is frozen: no gradient, and a 4-bit W0 is dequantised again in backward rather than saved.
+The dropout mask is regenerated from a seed in backward instead of being stored.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quant import QuantizedWeight, dequantize
+
+BaseWeight = torch.Tensor | QuantizedWeight
+
+
+def base_weight_dense(base: BaseWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``W0`` as a dense ``[N, K]`` tensor of ``dtype``."""
+    if isinstance(base, QuantizedWeight):
+        return dequantize(base, dtype)
+    return base.to(dtype)
+
+
+def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
+    """The fp32 keep mask scaled by 1/(1-p), reproducible from ``seed`` alone."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    keep = torch.rand(shape, generator=gen, device=device) >= p
+    return keep.to(torch.float32) / (1.0 - p)
+
+
+def _drop(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    if p == 0.0:
+        return x
+    return (x * dropout_mask(x.shape, p, seed, x.device)).to(x.dtype)
+
+
+class LoraLinearReference(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, base, bias, lora_A, lora_B, scaling, dropout_p, seed):  # noqa: D102
+        x2 = x.reshape(-1, x.shape[-1])
+        w0 = base_weight_dense(base, x.dtype)
+        xa = _drop(x2, dropout_p, seed) @ lora_A.t()  # [M, r]
+        y = torch.addmm(bias, x2, w0.t()) if bias is not None else x2 @ w0.t()
+        y = y + scaling * (xa @ lora_B.t())
+        ctx.save_for_backward(x2, xa, lora_A, lora_B)
+        ctx.base, ctx.scaling, ctx.dropout_p, ctx.seed = base, scaling, dropout_p, seed
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: D102
+        x2, xa, lora_A, lora_B = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout_p
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
+        g = dy2 @ lora_B  # [M, r]
+        dx = da = db = dbias = None
+        if ctx.needs_input_grad[0]:
+            dx = dy2 @ base_weight_dense(ctx.base, x2.dtype)
+            lora_dx = (g @ lora_A) * s
+            if p > 0.0:
+                lora_dx = lora_dx * dropout_mask(x2.shape, p, ctx.seed, x2.device)
+            dx = (dx + lora_dx).reshape(*dy.shape[:-1], x2.shape[-1])
+        if ctx.needs_input_grad[3]:
+            da = (g.t() @ _drop(x2, p, ctx.seed)) * s
+        if ctx.needs_input_grad[4]:
+            db = (dy2.t() @ xa) * s
+        if ctx.needs_input_grad[2]:
+            dbias = dy2.sum(0)
+        return dx, None, dbias, da, db, None, None, None
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    base: BaseWeight,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``x·W0ᵀ + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ (+ bias)`` with an explicit backward.
+
+    Args:
+        x: ``[..., K]`` activations; every other float tensor must share its dtype.
+        base: ``W0 [N, K]`` (dense, any strides) or a 4-bit :class:`QuantizedWeight`.
+        lora_A: ``[r, K]``; lora_B: ``[N, r]``.
+        scaling: the LoRA scale s.
+        bias: ``[N]`` or None.
+        dropout_p: dropout on the LoRA branch's input.
+        seed: the dropout mask's seed (ignored when ``dropout_p == 0``).
+    """
+    return LoraLinearReference.apply(x, base, bias, lora_A, lora_B, scaling, dropout_p, seed)

@@ -1,0 +1,1 @@
+"""Triton kernels for fastlora (installed as ``fastlora.kernels``; no model knowledge here)."""

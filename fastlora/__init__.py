@@ -22,17 +22,17 @@ from .quant import QuantizedWeight, dequantize, quantize_4bit
 __version__ = "0.1.0"
 
 __all__ = [
-    "patch",
-    "unpatch",
-    "save_adapter",
-    "load_adapter",
     "LoraLinear",
-    "lora_layers",
-    "register_method",
-    "set_backend",
-    "get_backend",
     "QuantizedWeight",
-    "quantize_4bit",
-    "dequantize",
     "__version__",
+    "dequantize",
+    "get_backend",
+    "load_adapter",
+    "lora_layers",
+    "patch",
+    "quantize_4bit",
+    "register_method",
+    "save_adapter",
+    "set_backend",
+    "unpatch",
 ]

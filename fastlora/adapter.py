@@ -22,7 +22,7 @@ from torch import nn
 from .layer import LoraLinear
 from .patching import inject, is_supported_linear, lora_layers
 
-__all__ = ["save_adapter", "load_adapter", "CONFIG_NAME", "WEIGHTS_NAME"]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -135,7 +135,9 @@ def _read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             f"fastlora.load_adapter: {path} is a {config.get('peft_type')!r} adapter; fastlora loads plain LoRA only"
         )
     if config.get("use_dora"):
-        raise ValueError(f"fastlora.load_adapter: {path} is a DoRA adapter (use_dora=true), which fastlora does not run")
+        raise ValueError(
+            f"fastlora.load_adapter: {path} is a DoRA adapter (use_dora=true), which fastlora does not run"
+        )
     weights = path / WEIGHTS_NAME
     if weights.is_file():
         from safetensors.torch import load_file
@@ -194,7 +196,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, dtype: torch
         try:
             module = model.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"fastlora.load_adapter: the adapter targets {name!r}, which this model does not have") from None
+            raise ValueError(
+                f"fastlora.load_adapter: the adapter targets {name!r}, which this model does not have"
+            ) from None
         if isinstance(module, LoraLinear):
             in_f, out_f = module.in_features, module.out_features
         elif is_supported_linear(module):
@@ -222,7 +226,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, dtype: torch
             layer.lora_alpha, layer.use_rslora = alpha, use_rslora
             layer.scaling = alpha / (layer.r**0.5 if use_rslora else layer.r)
     else:
-        layers = inject(model, specs, dropout=float(config.get("lora_dropout", 0.0)), use_rslora=use_rslora, dtype=dtype)
+        layers = inject(
+            model, specs, dropout=float(config.get("lora_dropout", 0.0)), use_rslora=use_rslora, dtype=dtype
+        )
     with torch.no_grad():
         for name, ab in groups.items():
             layers[name].lora_A.copy_(ab["A"])

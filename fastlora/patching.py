@@ -11,7 +11,7 @@ from torch import nn
 from .layer import LoraLinear, is_conv1d
 from .quant import is_bnb_4bit
 
-__all__ = ["patch", "unpatch", "register_method", "lora_layers", "inject", "TargetSpec"]
+__all__ = ["TargetSpec", "inject", "lora_layers", "patch", "register_method", "unpatch"]
 
 TargetSpec = str | Sequence[str] | None
 
@@ -170,7 +170,9 @@ def patch(
     if method not in _METHODS:
         raise ValueError(f"fastlora: unknown method {method!r}; available: {', '.join(sorted(_METHODS))}")
     if lora_layers(model):
-        raise RuntimeError("fastlora: this model is already patched; call fastlora.unpatch(model) before patching again")
+        raise RuntimeError(
+            "fastlora: this model is already patched; call fastlora.unpatch(model) before patching again"
+        )
     names = _select(model, target_modules, exclude)
     if not names:
         linear = [n for n, m in model.named_modules() if is_supported_linear(m)]

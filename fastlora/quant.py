@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 __all__ = [
-    "NF4_CODE",
     "FP4_CODE",
+    "NF4_CODE",
     "QuantizedWeight",
     "dequantize",
     "dequantize_absmax",
-    "quantize_4bit",
     "from_bnb",
     "is_bnb_4bit",
+    "quantize_4bit",
 ]
 
 # Quantiles of N(0, 1) with an exact zero, normalised to [-1, 1] (QLoRA, arXiv 2305.14314).
@@ -51,7 +51,7 @@ FP4_CODE: tuple[float, ...] = tuple((torch.tensor(_FP4_RAW) / 12.0).tolist())
 _CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _code_cpu(quant_type: str) -> torch.Tensor:
     if quant_type not in _CODES:
         raise ValueError(f"fastlora: unknown 4-bit quant_type {quant_type!r}; expected 'nf4' or 'fp4'")
@@ -63,7 +63,7 @@ def code_table(quant_type: str, device: torch.device | str = "cpu") -> torch.Ten
     return _code_cpu(quant_type).to(device)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dynamic_map() -> torch.Tensor:
     """bnb's signed 8-bit dynamic map (``create_dynamic_map(signed=True)``), used for nested absmax.
 

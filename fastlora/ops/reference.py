@@ -42,7 +42,7 @@ def _drop(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
 
 class LoraLinearReference(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, base, bias, lora_A, lora_B, scaling, dropout_p, seed):  # noqa: D102
+    def forward(ctx, x, base, bias, lora_A, lora_B, scaling, dropout_p, seed):
         x2 = x.reshape(-1, x.shape[-1])
         w0 = base_weight_dense(base, x.dtype)
         xa = _drop(x2, dropout_p, seed) @ lora_A.t()  # [M, r]
@@ -53,7 +53,7 @@ class LoraLinearReference(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx, dy):  # noqa: D102
+    def backward(ctx, dy):
         x2, xa, lora_A, lora_B = ctx.saved_tensors
         s, p = ctx.scaling, ctx.dropout_p
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)

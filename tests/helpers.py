@@ -1,0 +1,74 @@
+"""Test helpers shared by the test modules (importable because pyproject puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+
+def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere gives inf (NaN never passes)."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = ref64.norm().item()
+    return (out64 - ref64).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    kw.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**kw)).eval()
+
+
+def tiny_qwen2(seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def quantize_model_bnb(
+    model: torch.nn.Module, quant_type: str = "nf4", compress_statistics: bool = True, blocksize: int = 64
+):
+    """A copy of ``model`` with every nn.Linear except the LM head replaced by a bnb Linear4bit (CPU)."""
+    import bitsandbytes as bnb
+
+    model = copy.deepcopy(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        q = bnb.nn.Linear4bit(
+            module.in_features, module.out_features, bias=module.bias is not None,
+            compute_dtype=torch.float32, compress_statistics=compress_statistics, quant_type=quant_type,
+        )  # fmt: skip
+        q.weight = bnb.nn.Params4bit(
+            module.weight.data.clone(), requires_grad=False, quant_type=quant_type,
+            compress_statistics=compress_statistics, blocksize=blocksize,
+        )  # fmt: skip
+        if module.bias is not None:
+            q.bias = torch.nn.Parameter(module.bias.data.clone(), requires_grad=False)
+        q = q.to("cpu")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
+    return model

@@ -1,0 +1,115 @@
+"""The pure-PyTorch 4-bit reference against bitsandbytes, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastlora.quant import FP4_CODE, NF4_CODE, QuantizedWeight, dequantize, dequantize_absmax, from_bnb, quantize_4bit
+
+F = pytest.importorskip("bitsandbytes.functional")
+
+SHAPES = [(64, 128), (72, 40), (33, 71), (200, 96), (128, 4104)]
+
+
+def _from_state(packed: torch.Tensor, qs) -> QuantizedWeight:
+    nested = {}
+    if qs.nested:
+        nested = dict(absmax2=qs.state2.absmax, code2=qs.state2.code, blocksize2=qs.state2.blocksize,
+                      offset=torch.as_tensor(qs.offset))  # fmt: skip
+    return QuantizedWeight(packed=packed.reshape(-1), absmax=qs.absmax, code=qs.code, blocksize=qs.blocksize,
+                           shape=tuple(qs.shape), dtype=qs.dtype, quant_type=qs.quant_type, **nested)  # fmt: skip
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
+
+
+def _bnb_generic_dequantize(packed, qs, dtype):
+    """bnb's device-independent implementation (its CUDA kernel computes the same fp32 products).
+
+    Used as the oracle for shapes where bnb 0.50.2's CPU (AVX) kernel is wrong; see
+    test_bnb_cpu_kernel_is_wrong_for_ragged_rows.
+    """
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    absmax = qs.absmax
+    if qs.nested:
+        absmax = F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    return _dequantize_4bit_compute(packed.reshape(-1), absmax, qs.code, qs.blocksize, qs.shape, dtype)
+
+
+def test_code_tables_match_bnb():
+    assert torch.equal(torch.tensor(NF4_CODE), F.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(torch.tensor(FP4_CODE), F.get_4bit_type("fp4", device="cpu"))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_bit_exact(shape, blocksize, nested, quant_type, dtype):
+    w = torch.randn(shape, dtype=dtype) * 0.05
+    packed, qs = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=nested, quant_type=quant_type)
+    ours = dequantize(_from_state(packed, qs))
+    assert ours.dtype == dtype and ours.shape == shape
+    assert torch.equal(_bits(ours), _bits(_bnb_generic_dequantize(packed, qs, dtype)))
+    if shape[1] % blocksize == 0:  # bnb's public CPU kernel is right on these shapes
+        assert torch.equal(_bits(ours), _bits(F.dequantize_4bit(packed, qs)))
+
+
+def test_bnb_cpu_kernel_is_wrong_for_ragged_rows():
+    """Documents why the oracle above is bnb's generic path: its AVX CPU kernel assumes row-aligned blocks."""
+    w = torch.randn(200, 96)
+    packed, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+    ours = dequantize(_from_state(packed, qs))
+    assert (ours - w).norm() / w.norm() < 0.12  # 4-bit quantisation error
+    assert (F.dequantize_4bit(packed, qs) - w).norm() / w.norm() > 0.2
+
+
+@pytest.mark.parametrize("shape", [(72, 40), (33, 71), (128, 256)])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_quantizer_matches_bnb_storage(shape, quant_type, nested):
+    w = torch.randn(shape)
+    packed, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=quant_type)
+    ours = quantize_4bit(w, blocksize=64, quant_type=quant_type, compress_statistics=nested)
+    assert torch.equal(ours.packed, packed.reshape(-1))
+    if not nested:
+        assert torch.equal(ours.absmax, qs.absmax)
+        assert torch.equal(dequantize(ours), _bnb_generic_dequantize(packed, qs, torch.float32))
+        return
+    assert torch.equal(ours.absmax2, qs.state2.absmax) and torch.equal(ours.code2, qs.state2.code)
+    assert torch.equal(ours.offset, torch.as_tensor(qs.offset))
+    # The 8-bit codes of the scales may differ near ties: bnb's CPU kernel sometimes takes the
+    # farther of two codes, ours always the nearer. Never by more than one step, never worse.
+    step = (ours.absmax.int() - qs.absmax.int()).abs()
+    assert step.max() <= 1 and (step > 0).float().mean() < 0.02
+    true_absmax = w.reshape(-1)[: (w.numel() // 64) * 64].reshape(-1, 64).abs().amax(1)
+    n = true_absmax.numel()
+    err_ours = (dequantize_absmax(ours)[:n] - true_absmax).abs()
+    err_bnb = ((F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset)[:n] - true_absmax).abs()
+    assert (err_ours <= err_bnb + 1e-9).all()
+    # Given bnb's own codes, the bytes decode identically.
+    same = QuantizedWeight(**{**ours.__dict__, "absmax": qs.absmax})
+    assert torch.equal(dequantize(same), _bnb_generic_dequantize(packed, qs, torch.float32))
+
+
+def test_quantizer_rejects_bad_blocksize():
+    with pytest.raises(ValueError, match="blocksize"):
+        quantize_4bit(torch.randn(8, 8), blocksize=48)
+
+
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+def test_from_bnb_linear4bit(blocksize):
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(256, 64, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 256), requires_grad=False, quant_type="nf4", blocksize=blocksize)
+    layer = layer.to("cpu")
+    qw = from_bnb(layer)
+    assert qw.shape == (64, 256) and qw.nested and qw.blocksize == blocksize
+    assert torch.equal(dequantize(qw, torch.float32), F.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(x @ dequantize(qw, torch.float32).t() + layer.bias, layer(x))

@@ -1,0 +1,134 @@
+"""save_adapter / load_adapter round trips with Hugging Face PEFT, both ways."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from helpers import quantize_model_bnb, tiny_gpt2, tiny_llama
+
+import fastlora
+
+peft = pytest.importorskip("peft")
+
+
+def _randomise_b(model, std=0.05):
+    for layer in fastlora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=std)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
+def test_save_then_peft_loads_same_logits(tmp_path, use_rslora, builder):
+    base = builder()
+    ids = torch.randint(0, 96, (2, 10))
+    model = fastlora.patch(copy.deepcopy(base), r=4, alpha=12, use_rslora=use_rslora)
+    _randomise_b(model)
+    ours = _logits(model, ids)
+    assert (ours - _logits(base, ids)).abs().max() > 1e-3  # the adapter does something
+    out = fastlora.save_adapter(model, tmp_path / "adapter")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["use_rslora"] == use_rslora
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
+    torch.testing.assert_close(_logits(pm, ids), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_save_4bit_model_peft_loads(tmp_path):
+    base = quantize_model_bnb(tiny_llama())
+    model = fastlora.patch(copy.deepcopy(base), r=4, alpha=8)
+    _randomise_b(model)
+    fastlora.save_adapter(model, tmp_path / "a")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    # On the CPU, PEFT's from_pretrained re-quantises the Linear4bit weights (the nested state is
+    # dropped), so whole-model logits differ by quantisation noise. Compare each layer's LoRA term.
+    for name, layer in fastlora.lora_layers(model).items():
+        theirs = pm.base_model.model.get_submodule(name)
+        x = torch.randn(3, layer.in_features)
+        with torch.no_grad():
+            torch.testing.assert_close(theirs(x) - theirs.base_layer(x), layer(x) - layer.base_layer(x))
+
+
+def test_peft_saved_adapter_with_patterns_loads(tmp_path):
+    base = tiny_llama()
+    ids = torch.randint(0, 96, (2, 10))
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+        rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 3.0}, init_lora_weights=False,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg).eval()
+    expected = _logits(pm, ids)
+    pm.save_pretrained(tmp_path / "peft")
+    model = fastlora.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    layers = fastlora.lora_layers(model)
+    assert len(layers) == 6
+    down = layers["model.layers.0.mlp.down_proj"]
+    v = layers["model.layers.1.self_attn.v_proj"]
+    assert down.r == 2 and math.isclose(down.scaling, 8 / math.sqrt(2))
+    assert v.r == 4 and math.isclose(v.scaling, 3 / math.sqrt(4))
+    torch.testing.assert_close(_logits(model, ids), expected, rtol=1e-5, atol=1e-5)
+    # ... and back out: fastlora's save of it loads into PEFT with the same logits.
+    fastlora.save_adapter(model, tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] and saved["alpha_pattern"]
+    pm2 = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(_logits(pm2, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_load_into_patched_model_overwrites(tmp_path):
+    base = tiny_llama()
+    ids = torch.randint(0, 96, (1, 6))
+    a = fastlora.patch(copy.deepcopy(base), r=4, alpha=8)
+    _randomise_b(a)
+    fastlora.save_adapter(a, tmp_path / "a")
+    b = fastlora.patch(copy.deepcopy(base), r=4, alpha=8)
+    fastlora.load_adapter(b, tmp_path / "a")
+    torch.testing.assert_close(_logits(b, ids), _logits(a, ids))
+
+
+def test_save_replaces_existing_adapter_atomically(tmp_path, monkeypatch):
+    base = tiny_llama()
+    model = fastlora.patch(copy.deepcopy(base), r=2, alpha=4)
+    dest = tmp_path / "adapter"
+    fastlora.save_adapter(model, dest)
+    first = (dest / "adapter_model.safetensors").read_bytes()
+    _randomise_b(model)
+    import safetensors.torch
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        fastlora.save_adapter(model, dest)
+    assert (dest / "adapter_model.safetensors").read_bytes() == first  # the old adapter is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temp dir left behind
+    monkeypatch.undo()
+    fastlora.save_adapter(model, dest)
+    assert (dest / "adapter_model.safetensors").read_bytes() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_frozen_offset_exports_rank_2r(tmp_path):
+    """A layer computing W0 + s·(B·A − B0·A0) saves as the plain rank-2r LoRA PEFT can load."""
+    base = tiny_llama()
+    ids = torch.randint(0, 96, (2, 8))
+    for rslora in (False, True):
+        model = fastlora.patch(copy.deepcopy(base), r=3, alpha=6, use_rslora=rslora)
+        for layer in fastlora.lora_layers(model).values():
+            layer.set_frozen_offset(torch.randn(3, layer.in_features) * 0.1, torch.randn(layer.out_features, 3) * 0.1)
+            torch.nn.init.normal_(layer.lora_B, std=0.1)
+        fastlora.save_adapter(model, tmp_path / f"ga{rslora}")
+        cfg = json.loads((tmp_path / f"ga{rslora}" / "adapter_config.json").read_text())
+        assert cfg["r"] == 6 and math.isclose(cfg["lora_alpha"], 6 * (math.sqrt(2) if rslora else 2))
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / f"ga{rslora}")).eval()
+        torch.testing.assert_close(_logits(pm, ids), _logits(model, ids), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,115 @@
+"""Bad input gets a clear error naming the module and the fix, and leaves the model unchanged."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import tiny_llama
+
+import fastlora
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_no_module_matched():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"matched no module.*q_proj"):
+        fastlora.patch(model, target_modules=["nonexistent"])
+    assert not fastlora.lora_layers(model)
+
+
+@pytest.mark.parametrize("r", [0, -1, 65, 2.5])
+def test_bad_rank(r):
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"r=.* does not fit layer model\.layers\.0\.self_attn\.q_proj"):
+        fastlora.patch(model, r=r)
+    assert not fastlora.lora_layers(model) and _same(before, _state(model))
+    assert all(p.requires_grad for p in model.parameters())  # not frozen by the failed patch
+
+
+def test_unsupported_layer_named():
+    model = tiny_llama()
+    with pytest.raises(TypeError, match=r"'model\.embed_tokens', a Embedding.*exclude="):
+        fastlora.patch(model, target_modules=["embed_tokens", "q_proj"])
+    assert not fastlora.lora_layers(model)
+
+
+def test_patching_twice():
+    model = fastlora.patch(tiny_llama(), r=2)
+    with pytest.raises(RuntimeError, match="already patched.*unpatch"):
+        fastlora.patch(model, r=2)
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        fastlora.patch(tiny_llama(), method="nope")
+
+
+def test_bad_regex():
+    with pytest.raises(ValueError, match="not a valid regex"):
+        fastlora.patch(tiny_llama(), target_modules="(unclosed")
+
+
+def test_save_unpatched(tmp_path):
+    with pytest.raises(ValueError, match=r"no LoRA layers.*fastlora\.patch"):
+        fastlora.save_adapter(tiny_llama(), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_dtype_mismatch_names_module():
+    model = fastlora.patch(tiny_llama(), r=2)
+    with pytest.raises(
+        TypeError, match=r"model\.layers\.0\.self_attn\.q_proj has torch\.float32 weights.*torch\.bfloat16"
+    ):
+        model.model.layers[0].self_attn.q_proj(torch.randn(2, 64, dtype=torch.bfloat16))
+
+
+def test_load_adapter_wrong_shapes_changes_nothing(tmp_path):
+    other = fastlora.patch(tiny_llama(hidden_size=32, intermediate_size=64), r=2)
+    fastlora.save_adapter(other, tmp_path / "other")
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"shapes do not fit .*trained on another model"):
+        fastlora.load_adapter(model, tmp_path / "other")
+    assert not fastlora.lora_layers(model) and _same(before, _state(model))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_load_adapter_missing_module(tmp_path):
+    deep = fastlora.patch(tiny_llama(num_hidden_layers=3), r=2)
+    fastlora.save_adapter(deep, tmp_path / "deep")
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"targets 'model\.layers\.2\..*', which this model does not have"):
+        fastlora.load_adapter(model, tmp_path / "deep")
+    assert not fastlora.lora_layers(model)
+
+
+def test_load_adapter_not_lora(tmp_path):
+    (tmp_path / "ia3").mkdir()
+    (tmp_path / "ia3" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    with pytest.raises(ValueError, match="'IA3' adapter"):
+        fastlora.load_adapter(tiny_llama(), tmp_path / "ia3")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        fastlora.load_adapter(tiny_llama(), tmp_path / "missing")
+
+
+def test_backend_switch(monkeypatch):
+    monkeypatch.setenv("FASTLORA_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTLORA_BACKEND='bogus'"):
+        fastlora.get_backend()
+    monkeypatch.setenv("FASTLORA_BACKEND", "torch")
+    assert fastlora.get_backend() == "torch"
+    with pytest.raises(ValueError, match="unknown backend"):
+        fastlora.set_backend("cuda")
+    model = fastlora.patch(copy.deepcopy(tiny_llama()), r=2)
+    ids = torch.randint(0, 96, (1, 4))
+    assert model(input_ids=ids).logits.isfinite().all()

@@ -45,7 +45,7 @@ def test_unsupported_layer_named():
 
 def test_patching_twice():
     model = fastlora.patch(tiny_llama(), r=2)
-    with pytest.raises(RuntimeError, match="already patched.*unpatch"):
+    with pytest.raises(RuntimeError, match=r"already patched.*unpatch"):
         fastlora.patch(model, r=2)
 
 
@@ -98,7 +98,7 @@ def test_load_adapter_not_lora(tmp_path):
     (tmp_path / "ia3" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     with pytest.raises(ValueError, match="'IA3' adapter"):
         fastlora.load_adapter(tiny_llama(), tmp_path / "ia3")
-    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json"):
         fastlora.load_adapter(tiny_llama(), tmp_path / "missing")
 
 

@@ -101,7 +101,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "inference_mode": True,
         "modules_to_save": None,
         "use_dora": False,
-        "fastlora_version": _version(),
     }
 
     dest = Path(path)
@@ -110,7 +109,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "fastlora_version": _version()})
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))

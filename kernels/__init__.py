@@ -1,1 +1,28 @@
-"""Triton kernels for fastlora (installed as ``fastlora.kernels``; no model knowledge here)."""
+"""Triton kernels for fastlora (installed as ``fastlora.kernels``; no model knowledge here).
+
+* :func:`dequant_4bit` -- bitsandbytes NF4/FP4 storage (double quantisation included) to a dense
+  matrix, bit-identical to ``bitsandbytes.functional.dequantize_4bit``.
+* :func:`lora_fwd_fused` / :func:`lora_dx_fused` -- base GEMM + LoRA term in one kernel, W0 dense
+  or 4-bit (dequantised tile by tile in registers).
+* :func:`lora_down`, :func:`lora_bwd_aux`, :func:`lora_up_add` -- the LoRA-only passes.
+
+Autotuned kernels take their configs from one function each; ``FASTLORA_TRITON_CONFIG_<KERNEL>``
+pins one (see :func:`fastlora.kernels._common.pinned_config`).
+"""
+
+from ._common import Packed4bit, interpreting
+from .dequant import dequant_4bit
+from .lora_aux import down_splits, lora_bwd_aux, lora_down, lora_up_add
+from .lora_gemm import lora_dx_fused, lora_fwd_fused
+
+__all__ = [
+    "Packed4bit",
+    "dequant_4bit",
+    "down_splits",
+    "interpreting",
+    "lora_bwd_aux",
+    "lora_down",
+    "lora_dx_fused",
+    "lora_fwd_fused",
+    "lora_up_add",
+]

@@ -1,0 +1,337 @@
+"""The fused Triton LoRA linear op: ``torch.library`` custom ops around the kernels in ``fastlora.kernels``.
+
+    y = x·W0ᵀ + s·(drop(x)·Aᵀ)·Bᵀ (+ bias)        W0 dense (bf16/fp16/fp32) or bitsandbytes NF4/FP4
+
+Two implementations, chosen per call by the row count M (``FASTLORA_PATH`` / :func:`set_path` force one):
+
+* ``fused`` (small M: decode, eval, short sequences) -- W0 is read once per output tile, a 4-bit W0
+  as packed bytes dequantised in registers; the LoRA term is extra K-steps of the same fp32
+  accumulator. Forward = ``lora_down`` (x·Aᵀ, split over K) + ``lora_fwd_fused``; backward =
+  ``lora_bwd_aux`` (one pass over dy for g = dy·B and dB, one over x for dA) + ``lora_dx_fused``.
+* ``cublas`` (large M: training) -- the base product is tensor-core bound, so it goes to cuBLAS.
+  A 4-bit W0 is dequantised by ``dequant_4bit`` into a scratch buffer (from torch's caching
+  allocator, so the same block is reused call after call) that also holds the LoRA factor:
+  ``y = [x | s·xa | 0]·[W0 | B | 0]ᵀ`` and ``dx = [dy | s·g | 0]·[W0 ; A ; 0]`` are single GEMMs whose
+  fp32 accumulation contains the LoRA term ("cat" merge), or -- where the concatenated activation
+  would cost more bytes than it saves, and always for dx under dropout -- the LoRA term is added by
+  ``lora_up_add`` ("addmm" merge).
+
+Saved for backward: x and xa = drop(x)·Aᵀ only (plus W0's own storage, never a dequantised copy).
+Dropout: the keep-mask is Philox ``tl.rand(seed, m·K + k)`` -- regenerated in backward, never stored.
+It is a different stream from the reference's ``torch.Generator``, so the masks differ between
+backends for the same seed; each backend is self-consistent between forward and backward.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..kernels import (
+    Packed4bit,
+    dequant_4bit,
+    down_splits,
+    interpreting,
+    lora_bwd_aux,
+    lora_down,
+    lora_dx_fused,
+    lora_fwd_fused,
+    lora_up_add,
+)
+from ..quant import QuantizedWeight
+
+__all__ = ["lora_linear_fused", "set_path", "supports"]
+
+_PATHS = ("auto", "fused", "cublas")
+_MERGES = ("auto", "cat", "addmm")
+_path = os.environ.get("FASTLORA_PATH", "auto")
+_merge = os.environ.get("FASTLORA_MERGE", "auto")
+# Largest M that takes the fused path under "auto" (measured on an H100: bench/NOTES.md).
+FUSED_MAX_M = int(os.environ.get("FASTLORA_FUSED_MAX_M", "64"))
+
+
+def set_path(path: str = "auto", merge: str = "auto") -> None:
+    """Force the implementation: ``path`` in auto|fused|cublas, ``merge`` (cuBLAS path) in auto|cat|addmm."""
+    global _path, _merge
+    if path not in _PATHS or merge not in _MERGES:
+        raise ValueError(f"fastlora: path must be one of {_PATHS} and merge one of {_MERGES}")
+    _path, _merge = path, merge
+
+
+def _use_fused(m: int) -> bool:
+    return _path == "fused" or (_path == "auto" and m <= FUSED_MAX_M)
+
+
+def _round8(r: int) -> int:
+    return (r + 7) // 8 * 8
+
+
+def _fwd_cat(m: int, n: int, k: int, quant: bool) -> bool:
+    """Merge the forward's LoRA term by concatenation? Bytes of [x | s·xa] (plus a copy of a dense
+    W0) against an extra read+write of y."""
+    if _merge != "auto":
+        return _merge == "cat"
+    return m * k + (0 if quant else 2 * n * k) < 2 * m * n
+
+
+def _bwd_cat(m: int, n: int, k: int, quant: bool, dropout_p: float) -> bool:
+    if dropout_p > 0.0:  # the keep-mask multiplies the LoRA part of dx only
+        return False
+    if _merge != "auto":
+        return _merge == "cat"
+    return m * n + (0 if quant else 2 * n * k) < 2 * m * k
+
+
+def supports(x, base, lora_A, lora_B, bias=None, dropout_p=0.0) -> bool:
+    """Whether :func:`lora_linear_fused` handles these inputs (else the caller uses the reference).
+
+    CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; bf16/fp16/fp32 activations with A, B
+    (and a dense W0, bias) of the same dtype; W0 dense 2-D or a 4-bit NF4/FP4 weight.
+    """
+    if not isinstance(x, torch.Tensor) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    if not (x.is_cuda or (x.device.type == "cpu" and interpreting())):
+        return False
+    if x.dim() < 1 or x.shape[-1] == 0 or x.numel() == 0:
+        return False
+    tensors = [lora_A, lora_B] + ([bias] if bias is not None else [])
+    if isinstance(base, QuantizedWeight):
+        if base.quant_type not in ("nf4", "fp4") or base.blocksize & (base.blocksize - 1):
+            return False
+        if base.nested and base.blocksize2 & (base.blocksize2 - 1):
+            return False
+        tensors += [base.packed, base.absmax, base.code]
+        n, k = base.shape
+        if n * k >= 2**31:
+            return False
+    elif isinstance(base, torch.Tensor) and base.dim() == 2:
+        if base.dtype != x.dtype:
+            return False
+        tensors.append(base)
+        n, k = base.shape
+    else:
+        return False
+    if any(t.device != x.device for t in tensors):
+        return False
+    if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        return False
+    r = lora_A.shape[0]
+    return k == x.shape[-1] and lora_A.dim() == 2 and lora_A.shape[1] == k and lora_B.shape == (n, r) and 1 <= r <= 256
+
+
+# ------------------------------------------------------------------------------------------------
+# implementation (plain functions on 2-D tensors)
+# ------------------------------------------------------------------------------------------------
+def _weight(w, absmax, code, absmax2, code2, offset, qmeta) -> torch.Tensor | Packed4bit:
+    n, k, bs, bs2 = qmeta
+    if absmax is None:
+        return w
+    return Packed4bit(w, absmax, code, (n, k), bs, absmax2, code2, bs2, offset)
+
+
+def _dense_into(w: torch.Tensor | Packed4bit, out: torch.Tensor) -> None:
+    """W0 into the first ``K`` columns and ``N`` rows of ``out``."""
+    n, k = w.shape if isinstance(w, Packed4bit) else tuple(w.shape)
+    if isinstance(w, Packed4bit):
+        dequant_4bit(
+            w.packed, w.absmax, w.code, w.shape, w.blocksize, out.dtype,
+            absmax2=w.absmax2, code2=w.code2, blocksize2=w.blocksize2, offset=w.offset, out=out,
+        )  # fmt: skip
+    else:
+        out[:n, :k].copy_(w)
+
+
+def _dense(w: torch.Tensor | Packed4bit, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(w, Packed4bit):
+        return dequant_4bit(
+            w.packed, w.absmax, w.code, w.shape, w.blocksize, dtype,
+            absmax2=w.absmax2, code2=w.code2, blocksize2=w.blocksize2, offset=w.offset,
+        )  # fmt: skip
+    return w
+
+
+def _seed31(seed: int) -> int:
+    return int(seed) & 0x7FFFFFFF
+
+
+def forward_impl(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
+    """``(y, xa)`` for 2-D ``x``; ``w`` dense or :class:`Packed4bit`."""
+    m, k = x.shape
+    r = lora_A.shape[0]
+    n = w.shape[0]
+    quant = isinstance(w, Packed4bit)
+    seed = _seed31(seed)
+    if _use_fused(m):
+        splits = down_splits(m, k)
+        part, _ = lora_down(x, lora_A, dropout_p=dropout_p, seed=seed, splits=splits)
+        if part.dim() == 2:  # not split: part is xa
+            return lora_fwd_fused(x, w, lora_B, scaling, part, bias), part
+        xa = torch.empty((m, r), dtype=x.dtype, device=x.device)
+        y = lora_fwd_fused(x, w, lora_B, scaling, part, bias, xa_splits=part.shape[0], xa_out=xa)
+        return y, xa
+    if _fwd_cat(m, n, k, quant):
+        rp = _round8(r)
+        xa, xcat = lora_down(x, lora_A, dropout_p=dropout_p, seed=seed, cat_width=rp, scaling=scaling)
+        wcat = torch.empty((n, k + rp), dtype=x.dtype, device=x.device)  # [W0 | B | 0]
+        _dense_into(w, wcat)
+        wcat[:, k : k + r].copy_(lora_B)
+        if rp > r:
+            wcat[:, k + r :].zero_()
+        y = torch.addmm(bias, xcat, wcat.t()) if bias is not None else torch.mm(xcat, wcat.t())
+        return y, xa
+    xa, _ = lora_down(x, lora_A, dropout_p=dropout_p, seed=seed)
+    w0 = _dense(w, x.dtype)
+    y = torch.addmm(bias, x, w0.t()) if bias is not None else torch.mm(x, w0.t())
+    lora_up_add(y, xa, lora_B.t(), scaling)
+    return y, xa
+
+
+def backward_impl(dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx=True):
+    """``(dx or None, dA, dB)`` for 2-D ``dy``/``x``."""
+    m, n = dy.shape
+    k = x.shape[1]
+    r = lora_A.shape[0]
+    quant = isinstance(w, Packed4bit)
+    seed = _seed31(seed)
+    if not needs_dx:
+        _, _, da, db = lora_bwd_aux(dy, x, xa, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed)
+        return None, da, db
+    if _use_fused(m):
+        g, _, da, db = lora_bwd_aux(dy, x, xa, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed)
+        dx = lora_dx_fused(dy, w, lora_A, scaling, g, dropout_p=dropout_p, seed=seed)
+        return dx, da, db
+    if _bwd_cat(m, n, k, quant, dropout_p):
+        rp = _round8(r)
+        _, dycat, da, db = lora_bwd_aux(dy, x, xa, lora_A, lora_B, scaling, cat_width=rp)
+        wcat = torch.empty((n + rp, k), dtype=dy.dtype, device=dy.device)  # [W0 ; A ; 0]
+        _dense_into(w, wcat)
+        wcat[n : n + r].copy_(lora_A)
+        if rp > r:
+            wcat[n + r :].zero_()
+        return torch.mm(dycat, wcat), da, db
+    g, _, da, db = lora_bwd_aux(dy, x, xa, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed)
+    dx = torch.mm(dy, _dense(w, dy.dtype))
+    lora_up_add(dx, g, lora_A, scaling, dropout_p=dropout_p, seed=seed)
+    return dx, da, db
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library custom ops (opaque to torch.compile: no graph breaks; no host syncs inside)
+# ------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
+def _fwd_op(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    absmax: torch.Tensor | None,
+    code: torch.Tensor | None,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    qmeta: list[int],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = _weight(w, absmax, code, absmax2, code2, offset, qmeta)
+    with torch.autocast(x.device.type, enabled=False):
+        return forward_impl(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+
+
+@_fwd_op.register_fake
+def _(x, w, absmax, code, absmax2, code2, offset, qmeta, lora_A, lora_B, bias, scaling, dropout_p, seed):
+    m = x.shape[0]
+    return x.new_empty((m, qmeta[0])), x.new_empty((m, lora_A.shape[0]))
+
+
+@torch.library.custom_op("fastlora::lora_linear_bwd", mutates_args=())
+def _bwd_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    absmax: torch.Tensor | None,
+    code: torch.Tensor | None,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    qmeta: list[int],
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    seed: int,
+    needs_dx: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    weight = _weight(w, absmax, code, absmax2, code2, offset, qmeta)
+    with torch.autocast(dy.device.type, enabled=False):
+        dx, da, db = backward_impl(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx)
+    if dx is None:
+        dx = dy.new_empty((0,))
+    return dx, da, db
+
+
+@_bwd_op.register_fake
+def _(dy, x, w, absmax, code, absmax2, code2, offset, qmeta, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx):
+    dx = dy.new_empty((dy.shape[0], qmeta[1]) if needs_dx else (0,))
+    return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, absmax, code, absmax2, code2, offset, qmeta, lora_A, lora_B, _bias, scaling, dropout_p, seed = inputs
+    _, xa = output
+    ctx.save_for_backward(x, w, absmax, code, absmax2, code2, offset, lora_A, lora_B, xa)
+    ctx.qmeta, ctx.scaling, ctx.dropout_p, ctx.seed = list(qmeta), scaling, dropout_p, seed
+
+
+def _backward(ctx, dy, dxa):
+    x, w, absmax, code, absmax2, code2, offset, lora_A, lora_B, xa = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx, da, db = torch.ops.fastlora.lora_linear_bwd(
+        dy, x, w, absmax, code, absmax2, code2, offset, ctx.qmeta, lora_A, lora_B, xa,
+        ctx.scaling, ctx.dropout_p, ctx.seed, bool(needs[0]),
+    )  # fmt: skip
+    dbias = dy.sum(0) if needs[10] else None
+    return (
+        dx if needs[0] else None, None, None, None, None, None, None, None,
+        da if needs[8] else None, db if needs[9] else None, dbias, None, None, None,
+    )  # fmt: skip
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lora_linear_fused(
+    x: torch.Tensor,
+    base: torch.Tensor | QuantizedWeight,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+) -> torch.Tensor:
+    """``x·W0ᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ (+ bias)`` through the Triton kernels, with autograd.
+
+    Same contract as :func:`fastlora.ops.reference.lora_linear_reference` (check :func:`supports`
+    first); the dropout mask is drawn by Philox from ``seed`` (see the module docstring).
+    """
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if isinstance(base, QuantizedWeight):
+        n = base.shape[0]
+        qmeta = [n, k, base.blocksize, base.blocksize2]
+        packed = base.packed if base.packed.dtype == torch.uint8 else base.packed.view(torch.uint8)
+        offset = base.offset.reshape(1).float() if base.nested else None
+        wt = (packed.reshape(-1), base.absmax, base.code, base.absmax2, base.code2, offset)
+    else:
+        n = base.shape[0]
+        qmeta = [n, k, 0, 0]
+        wt = (base, None, None, None, None, None)
+    y, _ = torch.ops.fastlora.lora_linear_fwd(
+        x2, *wt, qmeta, lora_A, lora_B, bias, float(scaling), float(dropout_p), int(seed)
+    )
+    return y.reshape(*x.shape[:-1], n)

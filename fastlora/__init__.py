@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from ._backend import get_backend, set_backend
 from .adapter import load_adapter, save_adapter
+from .estimate import GradientEstimate, estimate_gradient
 from .layer import LoraLinear
 from .patching import lora_layers, patch, register_method, unpatch
 from .quant import QuantizedWeight, dequantize, quantize_4bit
@@ -22,10 +23,12 @@ from .quant import QuantizedWeight, dequantize, quantize_4bit
 __version__ = "0.1.0"
 
 __all__ = [
+    "GradientEstimate",
     "LoraLinear",
     "QuantizedWeight",
     "__version__",
     "dequantize",
+    "estimate_gradient",
     "get_backend",
     "load_adapter",
     "lora_layers",

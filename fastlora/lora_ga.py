@@ -1,0 +1,332 @@
+"""LoRA-GA initialisation: ``fastlora.patch(model, method="lora_ga", data=..., r=..., alpha=...)``.
+
+LoRA-GA (Wang, Yu, Li 2024, "LoRA-GA: Low-Rank Adaptation with Gradient Approximation",
+arXiv 2407.05000) initialises each adapter from the SVD of the layer's averaged full-weight gradient
+``G = U·S·Vᵀ`` so that the first LoRA step moves the effective weight along the best rank-2r
+approximation of G -- the full fine-tuning step -- instead of along a random direction.
+
+The formulas below follow the paper's own code (repository Outsider565/LoRA-GA, file
+``peft/src/peft/tuners/lora/layer.py``, method ``LoraLayer.lora_ga_init``), which is what its
+published results used; the paper's printed stable-scale formula differs by a typo its author
+acknowledged. With ``V = Vᵀ`` rows (right singular vectors) and ``s`` the LoRA scaling:
+
+* directions (which singular vectors go to A and B; singular values are discarded):
+    - ``ArB2r`` (default): ``B = U[:, r:2r]``, ``A = Vᵀ[:r, :]``
+    - ``A2rBr``:           ``B = U[:, :r]``,   ``A = Vᵀ[r:2r, :]``
+    - ``ArBr``:            ``B = U[:, 0:2r:2]``, ``A = Vᵀ[1:2r:2, :]``
+    - ``random``:          a random permutation of ``range(2r)``: first r indices for A, the rest for B
+* scales (one scalar applied to both A and B):
+    - ``stable`` (default): ``× d_out^(1/4) / sqrt(gamma)`` with ``d_out = G.shape[0]``
+    - ``gd``:              ``/ s``
+    - ``unit``:            ``× 1`` (A and B orthonormal)
+    - ``weightS``:         ``× mean(sqrt(S_W[:r] / s))``, ``S_W`` the singular values of ``W0``
+* offset: ``W_init = W0 − s·B·A`` in fp32, so that the patched model starts equal to the base model.
+
+fastlora differs from the reference in how, not what: the gradient comes from a streaming
+accumulator (:mod:`fastlora.estimate`) rather than ``.grad`` of every weight, and on a 4-bit ``W0``
+the offset is not re-quantised (lossy) but kept exactly as a frozen term inside
+:class:`~fastlora.LoraLinear`, which then computes ``W0 + s·(B·A − B0·A0)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .estimate import LossFn, estimate_gradient
+from .layer import LoraLinear, is_conv1d
+from .patching import register_method
+
+__all__ = [
+    "DIRECTIONS",
+    "SCALES",
+    "lora_ga_factors",
+    "randomized_svd",
+    "scale_factor",
+    "select_directions",
+    "top_singular",
+]
+
+DIRECTIONS = ("ArB2r", "A2rBr", "ArBr", "random")
+SCALES = ("stable", "gd", "unit", "weightS")
+SVD_METHODS = ("auto", "exact", "randomized")
+OFFSETS = ("auto", "base", "frozen")
+
+
+def randomized_svd(
+    G: torch.Tensor, q: int, niter: int = 4, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-``q`` randomized SVD ``G ≈ U·diag(S)·Vh`` (Halko, Martinsson, Tropp 2011, Alg. 4.4 + 5.1).
+
+    Randomized subspace iteration with re-orthonormalisation after every product, the algorithm
+    of ``torch.svd_lowrank`` (which the reference calls with ``q = 4r``, ``niter = 4``); written out
+    here so that the sketch takes an explicit generator -- every rank then gets the same factors.
+
+    Returns:
+        ``U [m, q]``, ``S [q]`` (descending), ``Vh [q, n]``.
+    """
+    m, n = G.shape
+    q = min(q, m, n)
+    omega = torch.randn(n, q, device=G.device, dtype=G.dtype, generator=generator)
+    Q = torch.linalg.qr(G @ omega).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(G.t() @ Q).Q
+        Q = torch.linalg.qr(G @ Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.t() @ G, full_matrices=False)
+    return Q @ Ub, S, Vh
+
+
+def top_singular(
+    G: torch.Tensor,
+    k: int,
+    *,
+    method: str = "auto",
+    q: int | None = None,
+    niter: int = 4,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top ``k`` singular triplets of ``G`` (fp32): ``U [m, k]``, ``S [k]``, ``Vh [k, n]``.
+
+    Args:
+        G: the matrix (computed in fp32, or fp64 if given fp64).
+        k: how many triplets.
+        method: ``"exact"`` (``torch.linalg.svd``), ``"randomized"`` (:func:`randomized_svd` with
+            ``q`` columns, default ``2k`` as the reference's ``4r`` for ``k = 2r``), or ``"auto"``:
+            randomized when ``q`` is below ``min(G.shape)``, else exact.
+        q, niter: the randomized sketch's width and power iterations.
+        generator: RNG of the randomized sketch.
+    """
+    if G.dtype not in (torch.float32, torch.float64):
+        G = G.float()
+    q = min(q if q is not None else 2 * k, *G.shape)
+    if method == "auto":
+        method = "randomized" if q < min(G.shape) else "exact"
+    if method == "exact":
+        U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    elif method == "randomized":
+        U, S, Vh = randomized_svd(G, q, niter, generator)
+    else:
+        raise ValueError(f"fastlora: svd must be one of {SVD_METHODS}, got {method!r}")
+    return U[:, :k], S[:k], Vh[:k]
+
+
+def select_directions(
+    U: torch.Tensor, Vh: torch.Tensor, r: int, direction: str, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A [r, n], B [m, r])`` picked from the top-2r singular vectors (see the module docstring)."""
+    if direction == "ArB2r":
+        return Vh[:r], U[:, r : 2 * r]
+    if direction == "A2rBr":
+        return Vh[r : 2 * r], U[:, :r]
+    if direction == "ArBr":
+        return Vh[1 : 2 * r : 2], U[:, 0 : 2 * r : 2]
+    if direction == "random":
+        perm = torch.randperm(2 * r, generator=generator, device="cpu" if generator is None else generator.device)
+        perm = perm.to(U.device)
+        return Vh[perm[:r]], U[:, perm[r:]]
+    raise ValueError(f"fastlora: direction must be one of {DIRECTIONS}, got {direction!r}")
+
+
+def scale_factor(
+    scale: str,
+    *,
+    d_out: int,
+    scaling: float,
+    stable_gamma: float = 16,
+    weight_singular_values: torch.Tensor | None = None,
+    r: int | None = None,
+) -> float:
+    """The scalar multiplying both A and B (see the module docstring for each formula)."""
+    if scale == "stable":
+        # Reference: B = B·m^0.25/gamma^0.5, A likewise, m = out features ("the scale of output is
+        # only related to the feature_out").
+        return d_out**0.25 / math.sqrt(stable_gamma)
+    if scale == "gd":
+        return 1.0 / scaling
+    if scale == "unit":
+        return 1.0
+    if scale == "weightS":
+        if weight_singular_values is None or r is None:
+            raise ValueError("fastlora: scale='weightS' needs the base weight's singular values")
+        return float(torch.sqrt(weight_singular_values[:r].double() / scaling).mean())
+    raise ValueError(f"fastlora: scale must be one of {SCALES}, got {scale!r}")
+
+
+def lora_ga_factors(
+    G: torch.Tensor,
+    r: int,
+    *,
+    scaling: float,
+    direction: str = "ArB2r",
+    scale: str = "stable",
+    stable_gamma: float = 16,
+    svd: str = "auto",
+    weight: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-GA's ``(A [r, in], B [out, r])`` for one layer's averaged gradient ``G [out, in]`` (fp32).
+
+    Args:
+        G: the averaged gradient.
+        r: the LoRA rank (``2r <= min(G.shape)``).
+        scaling: the layer's LoRA scaling s (``alpha/r`` or ``alpha/sqrt(r)``).
+        direction, scale, stable_gamma: see the module docstring.
+        svd: ``"auto"``, ``"exact"`` or ``"randomized"`` (q = 4r, 4 power iterations, as the reference).
+        weight: the dense base weight ``W0 [out, in]`` (only for ``scale="weightS"``).
+        generator: RNG for the randomized SVD and the ``random`` direction.
+    """
+    m, n = G.shape
+    if 2 * r > min(m, n):
+        raise ValueError(f"fastlora: LoRA-GA needs 2r <= min(out, in); r={r} does not fit a {m}x{n} layer")
+    U, _, Vh = top_singular(G, 2 * r, method=svd, q=4 * r, niter=4, generator=generator)
+    A, B = select_directions(U, Vh, r, direction, generator)
+    s_w = None
+    if scale == "weightS":
+        if weight is None:
+            raise ValueError("fastlora: scale='weightS' needs the base weight")
+        _, s_w, _ = top_singular(weight.float(), r, method=svd, q=4 * r, niter=4, generator=generator)
+    c = scale_factor(scale, d_out=m, scaling=scaling, stable_gamma=stable_gamma, weight_singular_values=s_w, r=r)
+    return (A * c).contiguous(), (B * c).contiguous()
+
+
+# -- the patch method ------------------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"fastlora.patch(method='lora_ga'): {name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _compute_device(layer: LoraLinear, G: torch.Tensor) -> torch.device:
+    # The SVD runs where it is fast: the layer's GPU, else the estimate's GPU, else any GPU.
+    if layer.lora_A.is_cuda:
+        return layer.lora_A.device
+    if G.is_cuda:
+        return G.device
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+@torch.no_grad()
+def _apply_offset(layer: LoraLinear, A: torch.Tensor, B: torch.Tensor, in_base: bool) -> None:
+    """Set A, B and make the layer start equal to its base: ``W0 − s·B·A`` in place, or a frozen term."""
+    layer.lora_A.copy_(A)
+    layer.lora_B.copy_(B)
+    layer.set_frozen_offset(A.clone(), B.clone())
+    if in_base:
+        w = layer.base_layer.weight
+        target = w.t() if is_conv1d(layer.base_layer) else w
+        f32 = torch.float32
+        offset = (B.to(target.device, f32) @ A.to(target.device, f32)) * layer.scaling
+        target.copy_((target.to(f32) - offset).to(target.dtype))
+    layer.offset_in_base = in_base
+
+
+@register_method("lora_ga")
+def init_lora_ga(
+    model: nn.Module,
+    layers: dict[str, LoraLinear],
+    *,
+    data: Iterable[Any] | None = None,
+    iters: int = 64,
+    loss_fn: LossFn | None = None,
+    direction: str = "ArB2r",
+    scale: str = "stable",
+    stable_gamma: float = 16,
+    grads: Mapping[str, torch.Tensor] | None = None,
+    offload: str | None = None,
+    svd: str = "auto",
+    offset: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+) -> None:
+    """The ``method="lora_ga"`` init of :func:`fastlora.patch` (keyword arguments of ``patch``).
+
+    Args:
+        model: the freshly patched model (its LoRA layers start equal to the base).
+        layers: the injected layers, by name.
+        data: batches for :func:`fastlora.estimate_gradient` (needed unless ``grads`` is given).
+        iters: batches to average.
+        loss_fn: ``(model, batch) -> loss`` for non-dict batches.
+        direction: ``"ArB2r"`` (default), ``"A2rBr"``, ``"ArBr"`` or ``"random"``.
+        scale: ``"stable"`` (default), ``"gd"``, ``"unit"`` or ``"weightS"``.
+        stable_gamma: gamma of the stable scale (default 16).
+        grads: a precomputed estimate (``{name: [out, in]}``, e.g. a :class:`GradientEstimate`) for
+            every target layer; then ``data`` is not used.
+        offload: passed to :func:`fastlora.estimate_gradient` (``None``, ``"cpu"``, ``"blocks"``).
+        svd: ``"auto"`` (randomized, q = 4r and 4 power iterations as the reference, where that is
+            smaller than the matrix), ``"exact"`` or ``"randomized"``.
+        offset: ``"auto"`` (subtract ``s·B·A`` from a float W0 in place, in fp32; keep it as a frozen
+            term for a 4-bit W0), ``"base"`` (always in place; refused for 4-bit) or ``"frozen"``.
+        seed: seed of the randomized SVD and of ``direction="random"`` (the same on every rank).
+        progress: progress bars.
+    """
+    _check_choice("direction", direction, DIRECTIONS)
+    _check_choice("scale", scale, SCALES)
+    _check_choice("svd", svd, SVD_METHODS)
+    _check_choice("offset", offset, OFFSETS)
+    if stable_gamma <= 0:
+        raise ValueError(f"fastlora.patch(method='lora_ga'): stable_gamma must be > 0, got {stable_gamma}")
+    for name, layer in layers.items():
+        if 2 * layer.r > min(layer.in_features, layer.out_features):
+            raise ValueError(
+                f"fastlora.patch(method='lora_ga'): r={layer.r} is too large for layer {name!r} "
+                f"({layer.in_features}->{layer.out_features}); LoRA-GA uses 2r singular vectors, so r <= "
+                f"{min(layer.in_features, layer.out_features) // 2}"
+            )
+        if offset == "base" and layer.is_quantized:
+            raise ValueError(
+                f"fastlora.patch(method='lora_ga'): offset='base' would re-quantise the 4-bit weight of {name!r} "
+                "(lossy); use offset='auto' or 'frozen'"
+            )
+    if grads is None:
+        if data is None:
+            raise ValueError(
+                "fastlora.patch(method='lora_ga') needs data= (an iterable of batches for the gradient estimate) "
+                "or grads= (a precomputed fastlora.estimate_gradient result)"
+            )
+        grads = estimate_gradient(
+            model, data, iters=iters, loss_fn=loss_fn, offload=offload, progress=progress, targets=layers
+        )
+    else:
+        missing = [n for n in layers if n not in grads]
+        if missing:
+            raise ValueError(
+                f"fastlora.patch(method='lora_ga'): grads has no entry for {len(missing)} target layer(s), e.g. {missing[0]!r}"
+            )
+        for name, layer in layers.items():
+            if tuple(grads[name].shape) != (layer.out_features, layer.in_features):
+                raise ValueError(
+                    f"fastlora.patch(method='lora_ga'): grads[{name!r}] has shape {tuple(grads[name].shape)}, "
+                    f"expected [out, in] = [{layer.out_features}, {layer.in_features}]"
+                )
+
+    # Every factor is computed before any weight changes: an error (or Ctrl-C) leaves the model as
+    # patch() made it, and patch() then unpatches it cleanly.
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    items = list(layers.items())
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+
+            items = tqdm(items, desc="fastlora: LoRA-GA init", unit="layer", leave=False)
+        except ImportError:
+            pass
+    for i, (name, layer) in enumerate(items):
+        G = grads[name]
+        dev = _compute_device(layer, G)
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(seed * 1_000_003 + i)  # per layer, identical on every rank
+        weight = layer.dense_base_weight(torch.float32).to(dev) if scale == "weightS" else None
+        A, B = lora_ga_factors(
+            G.to(dev, torch.float32), layer.r, scaling=layer.scaling, direction=direction, scale=scale,
+            stable_gamma=stable_gamma, svd=svd, weight=weight, generator=gen,
+        )  # fmt: skip
+        factors[name] = (A.to(layer.lora_A.device), B.to(layer.lora_B.device))
+    for name, layer in layers.items():
+        A, B = factors[name]
+        in_base = offset == "base" or (offset == "auto" and not layer.is_quantized)
+        _apply_offset(layer, A, B, in_base)

@@ -12,13 +12,14 @@ pins one (see :func:`fastlora.kernels._common.pinned_config`).
 
 from ._common import Packed4bit, interpreting
 from .dequant import dequant_4bit
-from .lora_aux import down_splits, lora_bwd_aux, lora_down, lora_up_add
+from .lora_aux import down_splits, dropout_keep_mask, lora_bwd_aux, lora_down, lora_up_add
 from .lora_gemm import lora_dx_fused, lora_fwd_fused
 
 __all__ = [
     "Packed4bit",
     "dequant_4bit",
     "down_splits",
+    "dropout_keep_mask",
     "interpreting",
     "lora_bwd_aux",
     "lora_down",

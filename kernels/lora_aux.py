@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ._common import cast, dot_precision, dropout_scale, interpreting, mma, next_pow2, pinned_config, tl_dtype
 
-__all__ = ["down_splits", "lora_bwd_aux", "lora_down", "lora_up_add"]
+__all__ = ["down_splits", "dropout_keep_mask", "lora_bwd_aux", "lora_down", "lora_up_add"]
 
 
 def _meta(name: str, default: dict) -> dict:
@@ -298,7 +298,7 @@ def lora_bwd_aux(
         CAT=dycat is not None, DROPOUT=dropout_p > 0.0, BLOCK_R=br,
         **meta, **_consts(dy.dtype),
     )  # fmt: skip
-    return g, dycat, da32[:r].to(lora_A.dtype), db32[:, :r].to(lora_B.dtype)
+    return g, dycat, da32[:r].to(lora_A.dtype, copy=True), db32[:, :r].to(lora_B.dtype, copy=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,3 +377,22 @@ def lora_up_add(
         **meta, **_consts(out.dtype),
     )  # fmt: skip
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the keep-mask itself (tests, debugging): the same Philox draw every kernel above makes
+# ----------------------------------------------------------------------------------------------
+@triton.jit(do_not_specialize=["seed"])
+def _keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+    keep = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= p
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], keep.to(tl.int8), mask=mask)
+
+
+def dropout_keep_mask(m: int, k: int, p: float, seed: int, device: torch.device | str) -> torch.Tensor:
+    """The bool ``[m, k]`` keep-mask that the LoRA kernels draw for ``(p, seed)`` (True = kept)."""
+    out = torch.empty((m, k), dtype=torch.int8, device=device)
+    _keep_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 64))](out, m, k, int(seed), float(p), BLOCK_M=32, BLOCK_K=64)
+    return out.bool()

@@ -33,6 +33,7 @@ from ..kernels import (
     dequant_4bit,
     down_splits,
     interpreting,
+    lora_aux,
     lora_bwd_aux,
     lora_down,
     lora_dx_fused,
@@ -41,7 +42,7 @@ from ..kernels import (
 )
 from ..quant import QuantizedWeight
 
-__all__ = ["lora_linear_fused", "set_path", "supports"]
+__all__ = ["dropout_keep_mask", "lora_linear_fused", "set_path", "supports"]
 
 _PATHS = ("auto", "fused", "cublas")
 _MERGES = ("auto", "cat", "addmm")
@@ -153,6 +154,11 @@ def _dense(w: torch.Tensor | Packed4bit, dtype: torch.dtype) -> torch.Tensor:
 
 def _seed31(seed: int) -> int:
     return int(seed) & 0x7FFFFFFF
+
+
+def dropout_keep_mask(m: int, k: int, p: float, seed: int, device: torch.device | str) -> torch.Tensor:
+    """The bool ``[m, k]`` keep-mask this backend applies to 2-D ``x [m, k]`` for ``(p, seed)``."""
+    return lora_aux.dropout_keep_mask(m, k, p, _seed31(seed), device)
 
 
 def forward_impl(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):

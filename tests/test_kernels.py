@@ -1,0 +1,419 @@
+"""The Triton kernels and the fused op against float64 ground truth and the reference op.
+
+Without a GPU everything runs in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by
+conftest before any kernel is decorated) on small shapes; tests marked ``gpu`` repeat the checks at
+real sizes on CUDA, plus bitsandbytes' own CUDA dequantisation, torch.compile and CUDA graphs.
+Every op output is allocated NaN-poisoned (the ``poison_empty`` fixture), inputs are fresh random
+draws on every run, and each case checks both implementations (``fused`` and ``cublas`` paths, and
+for the latter both LoRA merges).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fastlora.ops import fused
+from fastlora.ops.reference import lora_linear_reference
+from fastlora.quant import dequantize, quantize_4bit
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+IMPLS = [("fused", "auto"), ("cublas", "cat"), ("cublas", "addmm")]
+
+
+@pytest.fixture(autouse=True)
+def _reset_path():
+    yield
+    fused.set_path("auto", "auto")
+
+
+@pytest.fixture
+def poison_empty(monkeypatch):
+    """torch.empty / empty_like return NaN-filled float tensors here, so any output element a kernel
+    forgets to write shows up as NaN (and NaN never passes :func:`relerr`)."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
+
+
+def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; any NaN/inf in ``out`` gives inf."""
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out64).all():
+        return float("inf")
+    denom = ref64.norm().item()
+    return (out64 - ref64).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def _seedless_randn(*shape, dtype=torch.float32, device=DEV, scale=1.0):
+    # Fresh inputs every run: no fixed seed (torch's default generator continues across tests).
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+def _base(n, k, kind, dtype, device=DEV, blocksize=64):
+    w = torch.randn(n, k, device=device) / math.sqrt(k)
+    if kind == "dense":
+        return w.to(dtype)
+    return quantize_4bit(w, blocksize=blocksize, quant_type=kind.split("-")[0], compress_statistics="nested" in kind)
+
+
+def _truth(x, base, A, B, s, bias, dy, keep=None, p=0.0):
+    """float64 ground truth of y and (dx, dA, dB) with W0 as the op sees it (in x's dtype)."""
+    w0 = (dequantize(base, x.dtype) if not isinstance(base, torch.Tensor) else base).double()
+    x2 = x.reshape(-1, x.shape[-1]).double()
+    dy2 = dy.reshape(-1, dy.shape[-1]).double()
+    A, B = A.double(), B.double()
+    xd = x2 if keep is None else x2 * keep.double() / (1.0 - p)
+    xa = xd @ A.t()
+    y = x2 @ w0.t() + s * xa @ B.t()
+    if bias is not None:
+        y = y + bias.double()
+    g = dy2 @ B
+    lora_dx = s * g @ A
+    if keep is not None:
+        lora_dx = lora_dx * keep.double() / (1.0 - p)
+    dx = dy2 @ w0 + lora_dx
+    return y.reshape(dy.shape), dx.reshape(x.shape), s * g.t() @ xd, s * dy2.t() @ xa
+
+
+def _run(x, base, A, B, s, bias, p=0.0, seed=0, dy=None):
+    x = x.detach().requires_grad_()
+    A = A.detach().requires_grad_()
+    B = B.detach().requires_grad_()
+    y = fused.lora_linear_fused(x, base, A, B, s, bias, p, seed)
+    if dy is None:
+        dy = torch.randn_like(y)
+    dx, dA, dB = torch.autograd.grad(y, (x, A, B), dy)
+    return y, dx, dA, dB, dy
+
+
+def _check(impl, m_shape, k, n, r, kind, dtype=torch.bfloat16, bias=True, tol=1e-2, p=0.0, device=DEV):
+    fused.set_path(*impl)
+    base = _base(n, k, kind, dtype, device)
+    x = _seedless_randn(*m_shape, k, dtype=dtype, device=device)
+    A = _seedless_randn(r, k, dtype=dtype, device=device, scale=1 / math.sqrt(k))
+    B = _seedless_randn(n, r, dtype=dtype, device=device, scale=0.5)
+    b = _seedless_randn(n, dtype=dtype, device=device) if bias else None
+    s = 2.0
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    assert fused.supports(x, base, A, B, b, p)
+    y, dx, dA, dB, dy = _run(x, base, A, B, s, b, p, seed)
+    keep = fused.dropout_keep_mask(x.numel() // k, k, p, seed, device) if p > 0 else None
+    ty, tdx, tdA, tdB = _truth(x, base, A, B, s, b, dy, keep, p)
+    assert y.shape == (*m_shape, n) and y.dtype == dtype and dx.shape == x.shape
+    errs = dict(y=relerr(y, ty), dx=relerr(dx, tdx), dA=relerr(dA, tdA), dB=relerr(dB, tdB))
+    assert all(e < tol for e in errs.values()), (impl, errs)
+    return errs
+
+
+# ------------------------------------------------------------------------------------------------
+# dequantisation
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize(("shape", "blocksize"), [((72, 40), 64), ((17, 33), 128), ((40, 264), 32), ((9, 520), 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequant_bit_exact_vs_reference(quant_type, nested, shape, blocksize, dtype, poison_empty):
+    from fastlora.kernels import dequant_4bit
+
+    qw = quantize_4bit(
+        torch.randn(*shape, device=DEV), blocksize=blocksize, quant_type=quant_type, compress_statistics=nested
+    )
+    ref = dequantize(qw, dtype)
+    out = dequant_4bit(
+        qw.packed, qw.absmax, qw.code, qw.shape, qw.blocksize, dtype,
+        absmax2=qw.absmax2, code2=qw.code2, blocksize2=qw.blocksize2, offset=qw.offset,
+    )  # fmt: skip
+    assert out.dtype == dtype and out.shape == shape
+    assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
+
+
+def test_dequant_into_wider_buffer_leaves_tail(poison_empty):
+    from fastlora.kernels import dequant_4bit
+
+    qw = quantize_4bit(torch.randn(24, 40, device=DEV), blocksize=64)
+    buf = torch.full((24, 48), 7.0, dtype=torch.bfloat16, device=DEV)
+    dequant_4bit(qw.packed, qw.absmax, qw.code, qw.shape, 64, torch.bfloat16, absmax2=qw.absmax2,
+                 code2=qw.code2, offset=qw.offset, out=buf)  # fmt: skip
+    assert torch.equal(buf[:, :40], dequantize(qw, torch.bfloat16))
+    assert (buf[:, 40:] == 7.0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# the op against float64 truth
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: "-".join(i))
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested", "fp4"])
+@pytest.mark.parametrize(
+    ("m_shape", "k", "n", "r"),
+    [((1,), 40, 72, 1), ((3,), 72, 40, 8), ((17,), 40, 40, 16), ((2, 3), 72, 72, 64), ((1, 17), 40, 72, 8)],
+)
+def test_op_vs_float64(impl, kind, m_shape, k, n, r, poison_empty):
+    _check(impl, m_shape, k, n, r, kind)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: "-".join(i))
+def test_op_fp16_and_fp32(impl, poison_empty):
+    _check(impl, (17,), 72, 40, 8, "nf4-nested", dtype=torch.float16)
+    _check(impl, (5,), 40, 72, 16, "dense", dtype=torch.float32, tol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: "-".join(i))
+def test_op_odd_in_features(impl, poison_empty):
+    """K odd: 4-bit pairs straddle rows (the per-element nibble path)."""
+    _check(impl, (9,), 33, 40, 8, "nf4-nested", bias=False)
+
+
+@pytest.mark.parametrize("impl", [("fused", "auto"), ("cublas", "cat")], ids=lambda i: "-".join(i))
+def test_op_large_feature_dims(impl, poison_empty):
+    """K or N = 4096 + 8 (not a multiple of any tile), M = 1000 on the cuBLAS path."""
+    if impl[0] == "fused":
+        _check(impl, (3,), 72, 4104, 16, "nf4-nested")
+        _check(impl, (3,), 4104, 40, 8, "nf4-nested")
+    else:
+        _check(impl, (1000,), 4104, 72, 16, "nf4-nested")
+
+
+def test_noncontiguous_x_and_conv1d_style_base(poison_empty):
+    """x a transposed view; W0 a transposed view (as transformers' Conv1D weight gives)."""
+    for impl in IMPLS:
+        fused.set_path(*impl)
+        x = torch.randn(40, 9, device=DEV, dtype=torch.bfloat16).t()  # [9, 40], strides (1, 9)
+        w = torch.randn(40, 72, device=DEV, dtype=torch.bfloat16).t() / 8  # [72, 40] view
+        A = torch.randn(8, 40, device=DEV, dtype=torch.bfloat16) / 8
+        B = torch.randn(72, 8, device=DEV, dtype=torch.bfloat16)
+        y, dx, dA, dB, dy = _run(x, w, A, B, 0.5, None)
+        ty, tdx, tdA, tdB = _truth(x, w, A, B, 0.5, None, dy)
+        assert max(relerr(y, ty), relerr(dx, tdx), relerr(dA, tdA), relerr(dB, tdB)) < 1e-2, impl
+
+
+# ------------------------------------------------------------------------------------------------
+# the LoRA contribution itself (issue 3): fp32, tiny B
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: "-".join(i))
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested"])
+def test_lora_contribution_fp32(impl, kind, poison_empty):
+    fused.set_path(*impl)
+    m, k, n, r, s = 17, 72, 40, 8, 2.0
+    base = _base(n, k, kind, torch.float32)
+    w0 = base if kind == "dense" else dequantize(base, torch.float32)
+    x = torch.randn(m, k, device=DEV)
+    A = torch.randn(r, k, device=DEV) / math.sqrt(k)
+    B = torch.randn(n, r, device=DEV)
+    B = B * (1e-3 * w0.norm() / (s * (B @ A).norm()))  # |s·B·A| ≈ 1e-3 |W0|
+    dy = torch.randn(m, n, device=DEV)
+    y, _, dA, dB, _ = _run(x, base, A, B, s, None, dy=dy)
+    y0 = fused.lora_linear_fused(x, base, A, torch.zeros_like(B), s)
+    yr, _, rA, rB, _ = _run_ref(x, base, A, B, s, dy)
+    yr0 = lora_linear_reference(x, base, A, torch.zeros_like(B), s)
+    assert relerr(y - y0, yr - yr0) < 1e-3
+    assert relerr(dA, rA) < 1e-4 and relerr(dB, rB) < 1e-4
+
+
+def _run_ref(x, base, A, B, s, dy):
+    x, A, B = (t.detach().requires_grad_() for t in (x, A, B))
+    y = lora_linear_reference(x, base, A, B, s)
+    return (y, *torch.autograd.grad(y, (x, A, B), dy), dy)
+
+
+# ------------------------------------------------------------------------------------------------
+# dropout
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: "-".join(i))
+def test_dropout_grads_match_truth_with_the_kernels_mask(impl, poison_empty):
+    _check(impl, (2, 9), 72, 40, 8, "nf4-nested", p=0.25)
+
+
+def test_dropout_mask_statistics_and_seeds():
+    p = 0.3
+    keep = fused.dropout_keep_mask(64, 256, p, 1234, DEV)
+    frac = keep.float().mean().item()
+    assert abs(frac - (1 - p)) < 0.02  # 16384 draws: sd ≈ 0.0036
+    assert not torch.equal(keep, fused.dropout_keep_mask(64, 256, p, 1235, DEV))
+    assert torch.equal(keep, fused.dropout_keep_mask(64, 256, p, 1234, DEV))
+    # seeds are reduced to 31 bits the same way everywhere
+    assert torch.equal(fused.dropout_keep_mask(8, 64, p, 2**40 + 5, DEV), fused.dropout_keep_mask(8, 64, p, 5, DEV))
+
+
+def test_dropout_same_seed_same_output_and_expectation():
+    k, n, r = 64, 40, 8
+    x = torch.randn(32, k, device=DEV)
+    w = torch.randn(n, k, device=DEV) / 8
+    A, B = torch.randn(r, k, device=DEV) / 8, torch.randn(n, r, device=DEV)
+    y1 = fused.lora_linear_fused(x, w, A, B, 1.0, None, 0.5, 7)
+    y2 = fused.lora_linear_fused(x, w, A, B, 1.0, None, 0.5, 7)
+    y3 = fused.lora_linear_fused(x, w, A, B, 1.0, None, 0.5, 8)
+    assert torch.equal(y1, y2) and not torch.equal(y1, y3)
+    # E[drop(x)] = x: the average over many seeds approaches the no-dropout output
+    mean = sum(fused.lora_linear_fused(x, w, A, B, 1.0, None, 0.5, s) for s in range(40)) / 40
+    y0 = fused.lora_linear_fused(x, w, A, B, 1.0)
+    lora0 = y0 - x @ w.t()
+    assert relerr(mean - x @ w.t(), lora0) < 0.25  # 40 draws of p=0.5: ~1/sqrt(40) noise
+
+
+# ------------------------------------------------------------------------------------------------
+# dispatch
+# ------------------------------------------------------------------------------------------------
+def test_backend_switch_routes_to_fused(monkeypatch):
+    from fastlora import _backend
+    from fastlora.ops import lora_linear
+
+    x = torch.randn(5, 40, device=DEV, dtype=torch.bfloat16)
+    qw = quantize_4bit(torch.randn(72, 40, device=DEV), blocksize=64)
+    A = torch.randn(8, 40, device=DEV, dtype=torch.bfloat16) / 8
+    B = torch.randn(72, 8, device=DEV, dtype=torch.bfloat16)
+    calls = []
+    real = fused.lora_linear_fused
+    monkeypatch.setattr(fused, "lora_linear_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(_backend, "_backend", "triton")
+    y = lora_linear(x, qw, A, B, 0.5)
+    assert calls and relerr(y, lora_linear_reference(x, qw, A, B, 0.5)) < 1e-2
+
+
+def test_supports_refuses_what_it_cannot_run():
+    x = torch.randn(3, 40, device=DEV, dtype=torch.bfloat16)
+    w = torch.randn(72, 40, device=DEV, dtype=torch.bfloat16)
+    A, B = torch.randn(8, 40, device=DEV, dtype=torch.bfloat16), torch.randn(72, 8, device=DEV, dtype=torch.bfloat16)
+    assert fused.supports(x, w, A, B)
+    assert not fused.supports(x, w.float(), A, B)  # mixed dtypes: the caller casts first
+    assert not fused.supports(x.to(torch.int32), w, A, B)
+    assert not fused.supports(x, w, A[:, :32], B)  # shapes that do not fit
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("shape", [(4096, 4104), (1000, 72), (72, 40)])
+def test_gpu_dequant_bit_exact_vs_bitsandbytes(quant_type, nested, blocksize, shape):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from fastlora.kernels import dequant_4bit
+
+    w = torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+    packed, qs = bnbf.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type, compress_statistics=nested)
+    ref = bnbf.dequantize_4bit(packed, qs)
+    kw = {}
+    if nested:
+        kw = dict(absmax2=qs.state2.absmax, code2=qs.state2.code, blocksize2=qs.state2.blocksize,
+                  offset=torch.as_tensor(qs.offset, dtype=torch.float32, device="cuda"))  # fmt: skip
+    out = dequant_4bit(packed, qs.absmax, qs.code, tuple(qs.shape), qs.blocksize, torch.bfloat16, **kw)
+    assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: "-".join(i))
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested"])
+@pytest.mark.parametrize(
+    ("m_shape", "k", "n", "r"),
+    [
+        ((1,), 4104, 72, 16),
+        ((3,), 40, 4104, 1),
+        ((17,), 4096, 4096, 64),
+        ((4, 250), 4104, 4104, 16),
+        ((1000,), 72, 40, 8),
+    ],
+)
+def test_gpu_op_vs_float64(impl, kind, m_shape, k, n, r, poison_empty):
+    _check(impl, m_shape, k, n, r, kind, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: "-".join(i))
+def test_gpu_lora_contribution_dropout_fp16(impl, poison_empty):
+    _check(impl, (2, 256), 1024, 512, 16, "nf4-nested", p=0.1, device="cuda")
+    _check(impl, (64,), 1024, 512, 16, "nf4", dtype=torch.float16, device="cuda")
+    _check(impl, (300,), 512, 1024, 8, "dense", dtype=torch.float32, tol=1e-5, device="cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_lora_contribution_fp32_large():
+    for impl in IMPLS:
+        fused.set_path(*impl)
+        m, k, n, r, s = 512, 1024, 768, 16, 2.0
+        base = quantize_4bit(torch.randn(n, k, device="cuda") / 32, blocksize=64)
+        w0 = dequantize(base, torch.float32)
+        x = torch.randn(m, k, device="cuda")
+        A = torch.randn(r, k, device="cuda") / 32
+        B = torch.randn(n, r, device="cuda")
+        B = B * (1e-3 * w0.norm() / (s * (B @ A).norm()))
+        dy = torch.randn(m, n, device="cuda")
+        y, _, dA, dB, _ = _run(x, base, A, B, s, None, dy=dy)
+        y0 = fused.lora_linear_fused(x, base, A, torch.zeros_like(B), s)
+        yr, _, rA, rB, _ = _run_ref(x, base, A, B, s, dy)
+        yr0 = lora_linear_reference(x, base, A, torch.zeros_like(B), s)
+        assert relerr(y - y0, yr - yr0) < 1e-3, impl
+        assert relerr(dA, rA) < 1e-4 and relerr(dB, rB) < 1e-4, impl
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph_and_cuda_graph():
+    m, k, n, r = 64, 512, 768, 16
+    base = quantize_4bit(torch.randn(n, k, device="cuda") / 16, blocksize=64)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    A = (torch.randn(r, k, device="cuda") / 16).to(torch.bfloat16).requires_grad_()
+    B = torch.randn(n, r, device="cuda", dtype=torch.bfloat16).requires_grad_()
+
+    def f(x, A, B):
+        return fused.lora_linear_fused(x, base, A, B, 0.5).float().square().sum()
+
+    eager = f(x, A, B)
+    compiled = torch.compile(f, fullgraph=True)(x, A, B)  # fullgraph: a graph break raises
+    assert relerr(compiled, eager) < 1e-3
+    gx = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, A, B), x)[0]
+    assert relerr(gx, torch.autograd.grad(f(x, A, B), x)[0]) < 1e-2
+
+    for path in ("fused", "cublas"):
+        fused.set_path(path)
+        static_x = x.detach().clone().requires_grad_()
+        for _ in range(2):  # warm-up (autotuning) outside capture
+            torch.autograd.grad(f(static_x, A, B), (static_x, A, B))
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = f(static_x, A, B)
+            grads = torch.autograd.grad(loss, (static_x, A, B))
+        new = torch.randn_like(static_x)
+        static_x.data.copy_(new)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_loss = f(new, A, B)
+        ref_grads = torch.autograd.grad(ref_loss, (static_x, A, B))
+        assert relerr(loss, ref_loss) < 1e-3
+        assert all(relerr(a, b) < 1e-2 for a, b in zip(grads, ref_grads))
+
+
+@pytest.mark.gpu
+def test_gpu_layer_autocast_fp32_params_matches_reference():
+    """LoraLinear with fp32 A/B under bf16 autocast on a bnb Linear4bit: triton vs torch backends."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from fastlora import _backend
+    from fastlora.layer import LoraLinear
+
+    lin = bnb.nn.Linear4bit(512, 768, bias=True, compute_dtype=torch.bfloat16, quant_type="nf4").cuda()
+    layer = LoraLinear(lin, r=16, lora_alpha=32).cuda()
+    torch.nn.init.normal_(layer.lora_B, std=0.02)
+    x = torch.randn(4, 33, 512, device="cuda")
+    outs = {}
+    for backend in ("torch", "triton"):
+        _backend.set_backend(backend)
+        layer.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().square().mean().backward()
+        outs[backend] = (y.float(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+    _backend.set_backend("auto")
+    assert outs["triton"][0].dtype == outs["torch"][0].dtype
+    for a, b in zip(outs["triton"], outs["torch"]):
+        assert relerr(a, b) < 1e-2

@@ -36,7 +36,7 @@ import torch
 
 import fastlora
 
-VOCAB = list("0123456789+-=") + ["<pad>"]
+VOCAB = [*"0123456789+-=", "<pad>"]
 TOK = {c: i for i, c in enumerate(VOCAB)}
 N_DIGITS = 3
 PROMPT_LEN = 2 * N_DIGITS + 2  # "abc+def="

@@ -249,8 +249,11 @@ def dropout_scale(x, offs_m, offs_k, K, seed, p, DROPOUT: tl.constexpr):
 
 @triton.jit
 def mma(a, b, acc, PREC: tl.constexpr, F32: tl.constexpr):
-    """``acc + a @ b`` with fp32 accumulation. ``F32`` upcasts the operands first (the interpreter's
-    bf16 ``tl.dot`` is wrong; the products are exact either way)."""
+    """``acc + a @ b`` with fp32 accumulation. fp32 operands use ``PREC`` ("ieee" or "tf32"). ``F32``
+    upcasts the operands first (the interpreter's bf16 ``tl.dot`` is wrong; products are exact either way)."""
     if F32:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=PREC)
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision=PREC)
+    else:
+        return tl.dot(a, b, acc)

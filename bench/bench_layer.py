@@ -356,12 +356,17 @@ def main(argv=None):
     log(json.dumps(meta))
     meta["ceilings"] = ceilings(log) if DEVICE == "cuda" else {}
     results = []
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every shape, so a run cut short keeps what it measured
+        Path(args.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+
     for k, n in shapes:
         for m in ms:
             results.append(run_shape(m, k, n, variants, log))
+            save()
     meta["parts"] = [] if args.no_parts or args.quick else parts(log)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    save()
     log(f"wrote {args.out}")
     return 0
 

@@ -31,9 +31,14 @@ import fastlora
 GIB = 1024**3
 
 
-def llama8b_config(layers: int):
+def llama8b_config(layers: int, tiny: bool = False):
     from transformers import LlamaConfig
 
+    if tiny:  # a smoke-test size that runs on a CPU
+        return LlamaConfig(
+            vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        )  # fmt: skip
     return LlamaConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
@@ -41,8 +46,8 @@ def llama8b_config(layers: int):
     )  # fmt: skip
 
 
-def quantize_linears(model: torch.nn.Module) -> torch.nn.Module:
-    """Replace every decoder nn.Linear by a bnb NF4 Linear4bit (double quant), quantised on the GPU."""
+def quantize_linears(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Replace every decoder nn.Linear by a bnb NF4 Linear4bit (double quant), quantised on ``device``."""
     import bitsandbytes as bnb
 
     head = model.get_output_embeddings()
@@ -53,15 +58,44 @@ def quantize_linears(model: torch.nn.Module) -> torch.nn.Module:
                               compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")  # fmt: skip
         q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",
                                      compress_statistics=True, blocksize=64)  # fmt: skip
-        q = q.cuda()
+        q = q.to(device)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
     return model
 
 
-def make_batches(n: int, batch: int, seq: int, vocab: int, seed: int) -> list[torch.Tensor]:
+def make_batches(n: int, batch: int, seq: int, vocab: int, seed: int, device: torch.device) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (batch, seq), generator=gen).cuda() for _ in range(n)]
+    return [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(n)]
+
+
+class Timer:
+    """CUDA events on a GPU, the host clock (after the step returns) on a CPU smoke run."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+
+    def __enter__(self):
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.end.record()
+            self.end.synchronize()
+            self.seconds = self.start.elapsed_time(self.end) / 1e3
+        else:
+            self.seconds = time.perf_counter() - self.t0
+
+
+def mem_allocated(peak: bool = False) -> int:
+    if not torch.cuda.is_available():
+        return 0
+    return torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated()
 
 
 def patch_fastlora(model, r: int, alpha: float):
@@ -96,25 +130,25 @@ def step_fn(model, opt):
 
 
 def time_steps(step, batches, warmup: int, iters: int) -> list[float]:
+    cuda = batches[0].is_cuda
     for i in range(warmup):
         step(batches[i % len(batches)])
-    torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for i in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(batches[i % len(batches)])
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        with Timer(cuda) as t:
+            step(batches[i % len(batches)])
+        times.append(t.seconds)
     return times
 
 
 def run_arm(label, build, batches, args, checkpointing: bool, compile_model: bool = False):
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base_mem = torch.cuda.memory_allocated()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    base_mem = mem_allocated()
     model = build()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -138,7 +172,7 @@ def run_arm(label, build, batches, args, checkpointing: bool, compile_model: boo
         "step_s": med,
         "step_s_min": min(times),
         "tokens_per_s": tokens / med,
-        "peak_gib": (torch.cuda.max_memory_allocated() - base_mem) / GIB,
+        "peak_gib": (mem_allocated(peak=True) - base_mem) / GIB,
         "wall_s": wall,
         "trainable": sum(p.numel() for p in params),
     }
@@ -188,18 +222,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-checkpointing-on", action="store_true", help="skip the gradient-checkpointing runs")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--json", type=Path, default=Path("train_step.json"))
+    p.add_argument("--tiny", action="store_true", help="a small model on the CPU: checks the script, not speed")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench/train_step.py needs a CUDA GPU")
+    if not torch.cuda.is_available() and not args.tiny:
+        raise SystemExit("bench/train_step.py needs a CUDA GPU (or --tiny for a CPU smoke run)")
     from transformers import LlamaForCausalLM
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    cfg = llama8b_config(args.layers)
-    with torch.device("cuda"):
+    cfg = llama8b_config(args.layers, tiny=args.tiny)
+    with torch.device(device):
         base_bf16 = LlamaForCausalLM(cfg).to(torch.bfloat16)
     base_bf16.requires_grad_(False)
-    base_nf4 = quantize_linears(copy.deepcopy(base_bf16))  # one quantisation, shared by both NF4 arms
-    results = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d %H:%M"),
+    base_nf4 = quantize_linears(copy.deepcopy(base_bf16), device)  # one quantisation, shared by both NF4 arms
+    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke run)"
+    results = {"gpu": gpu, "date": time.strftime("%Y-%m-%d %H:%M"),
                "torch": torch.__version__, "layers": args.layers, "r": args.r, "runs": []}  # fmt: skip
     try:
         import triton
@@ -210,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for shape in args.shapes:
         b, s = (int(v) for v in shape.split("x"))
-        batches = make_batches(4, b, s, cfg.vocab_size, seed=1)
+        batches = make_batches(4, b, s, cfg.vocab_size, seed=1, device=device)
         for ckpt in [False] + ([] if args.no_checkpointing_on else [True]):
             arms = [
                 ("fastlora-nf4", lambda: patch_fastlora(copy.deepcopy(base_nf4), args.r, args.alpha)),
@@ -228,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["shape"] = shape
                 results["runs"].append(r)
                 print(json.dumps(r), flush=True)
-    agree_batches = make_batches(4, 2, 1024, cfg.vocab_size, seed=2)
+    agree_batches = make_batches(4, 2, 1024 if not args.tiny else 64, cfg.vocab_size, seed=2, device=device)
     results["agreement"] = agreement(base_nf4, agree_batches, args)
     args.json.write_text(json.dumps(results, indent=1))
 
@@ -245,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{shape:8s} {ckpt!s:5s} {r['arm']:22s} failed: {r['error'][:80]}")
                     continue
                 tr = r["tokens_per_s"] / ref["tokens_per_s"] if ref else float("nan")
-                mr = r["peak_gib"] / ref["peak_gib"] if ref else float("nan")
+                mr = r["peak_gib"] / ref["peak_gib"] if ref and ref["peak_gib"] else float("nan")
                 print(
                     f"{shape:8s} {ckpt!s:5s} {r['arm']:22s} {r['tokens_per_s']:9.0f} {r['peak_gib']:9.2f} {tr:17.2f} {mr:15.2f}"
                 )

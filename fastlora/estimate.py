@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .layer import LoraLinear, base_features
+from .offload import BlockOffloader
 from .patching import TargetSpec, _select, lora_layers
 
 __all__ = [
@@ -431,6 +432,12 @@ def _module_device(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _weight_dtype(module: nn.Module) -> torch.dtype:
+    base = module.base_layer if isinstance(module, LoraLinear) else module
+    w = getattr(base, "weight", None)
+    return w.dtype if isinstance(w, torch.Tensor) else torch.float32
+
+
 def _dist_world() -> Any:
     try:
         import torch.distributed as dist
@@ -474,7 +481,7 @@ def estimate_gradient(
     *,
     iters: int = 64,
     loss_fn: LossFn | None = None,
-    offload: str | None = None,
+    offload: str | BlockOffloader | None = None,
     progress: bool = True,
     target_modules: TargetSpec = "all-linear",
     exclude: TargetSpec = None,
@@ -499,7 +506,8 @@ def estimate_gradient(
         offload: ``None`` (accumulators beside the layers), ``"cpu"`` (fp32 accumulators in pinned host
             memory, updated asynchronously from a side CUDA stream), or ``"blocks"`` (the model's
             transformer blocks stay in pinned host memory and are streamed through ``device`` with
-            prefetch, for float models larger than the GPU; implies ``"cpu"``).
+            prefetch, for float models larger than the GPU; implies ``"cpu"``), or a configured
+            :class:`~fastlora.offload.BlockOffloader` of this model.
         progress: show a tqdm progress bar (rank 0 only).
         target_modules, exclude: which layers of an unpatched model (ignored for the default targets
             of a patched model unless given explicitly).
@@ -511,7 +519,7 @@ def estimate_gradient(
             the classes in the model's ``_no_split_modules``.
 
     Returns:
-        A :class:`GradientEstimate`: fp32 ``[out, in]`` per layer, on the layers' devices (host memory
+        A :class:`GradientEstimate`: fp32 ``[out, in]`` per layer (fp64 for an fp64 model), on the layers' devices (host memory
         with offload), summed over ranks and averaged over all ranks' batches when
         ``torch.distributed`` is initialised.
 
@@ -519,7 +527,7 @@ def estimate_gradient(
         ValueError: ``data`` yields no batch, an unknown ``offload``, a target got no gradient, or a
             gradient is NaN/inf (the message names the layer).
     """
-    if offload not in (None, "cpu", "blocks"):
+    if not (offload in (None, "cpu", "blocks") or isinstance(offload, BlockOffloader)):
         raise ValueError(f"fastlora.estimate_gradient: offload must be None, 'cpu' or 'blocks', got {offload!r}")
     if not isinstance(iters, int) or iters < 1:
         raise ValueError(f"fastlora.estimate_gradient: iters must be a positive int, got {iters!r}")
@@ -532,20 +540,20 @@ def estimate_gradient(
         n_in, n_out = base_features(module.base_layer if isinstance(module, LoraLinear) else module)
         shapes[name] = (n_out, n_in)
 
-    offloader = None
+    offloader = offload if isinstance(offload, BlockOffloader) else None
     if offload == "blocks":
-        from .offload import BlockOffloader
-
         offloader = BlockOffloader(model, device=device, blocks=blocks)
-        compute_device = offloader.device
-    else:
-        compute_device = _module_device(model)
+    compute_device = offloader.device if offloader is not None else _module_device(model)
     own_accumulator = accumulator is None
     if accumulator is None:
-        if offload in ("cpu", "blocks"):
+        if offload == "cpu" or offloader is not None:
             accumulator = HostAccumulator(shapes)
         else:
-            accumulator = DenseAccumulator(shapes, {n: _module_device(m) for n, m in targets.items()})
+            # An fp64 model (the exactness tests) is accumulated in fp64; everything else in fp32.
+            w_dtypes = {_weight_dtype(m) for m in targets.values()}
+            acc_dtype = torch.float64 if w_dtypes == {torch.float64} else torch.float32
+            devices = {n: _module_device(m) for n, m in targets.items()}
+            accumulator = DenseAccumulator(shapes, devices, dtype=acc_dtype)
 
     dist = _dist_world()
     rank = dist.get_rank() if dist is not None else 0
@@ -592,10 +600,12 @@ def estimate_gradient(
     finally:
         if own_accumulator:
             accumulator.close()
-    for name, g in grads.items():
-        if isinstance(g, torch.Tensor) and not bool(torch.isfinite(g).all()):
-            raise ValueError(
-                f"fastlora.estimate_gradient: the gradient of layer {name!r} has NaN/inf entries "
-                f"(over {total_batches} batches); check the loss and the data, or lower the loss scale"
-            )
+    bad = [n for n, g in grads.items() if isinstance(g, torch.Tensor) and not bool(torch.isfinite(g).all())]
+    if bad:
+        more = f" (and {len(bad) - 1} more layer(s))" if len(bad) > 1 else ""
+        raise ValueError(
+            f"fastlora.estimate_gradient: the gradient of layer {bad[0]!r}{more} has NaN/inf entries "
+            f"(over {total_batches} batches); check the loss and the data (a NaN loss makes every layer's "
+            "gradient NaN), or the scale of that layer's inputs"
+        )
     return GradientEstimate(grads, total_batches)

@@ -188,7 +188,7 @@ def lora_ga_factors(
     if scale == "weightS":
         if weight is None:
             raise ValueError("fastlora: scale='weightS' needs the base weight")
-        _, s_w, _ = top_singular(weight.float(), r, method=svd, q=4 * r, niter=4, generator=generator)
+        _, s_w, _ = top_singular(weight.to(G.dtype), r, method=svd, q=4 * r, niter=4, generator=generator)
     c = scale_factor(scale, d_out=m, scaling=scaling, stable_gamma=stable_gamma, weight_singular_values=s_w, r=r)
     return (A * c).contiguous(), (B * c).contiguous()
 

@@ -247,6 +247,8 @@ def unpatch(model: nn.Module, merge: bool = False, *, dequantize: bool = False) 
     Args:
         model: a patched model.
         merge: fold ``scaling·B·A`` (minus any frozen LoRA-GA offset term) into the base weight.
+            Without ``merge``, a LoRA-GA offset that was subtracted from a float base weight in place
+            is added back, so the original weight returns (up to rounding in its dtype).
         dequantize: needed to merge into a 4-bit base: the layer becomes a bf16 ``nn.Linear``.
 
     Returns:
@@ -258,6 +260,20 @@ def unpatch(model: nn.Module, merge: bool = False, *, dequantize: bool = False) 
         if quant:  # check all first: a refused merge must not leave the model half unpatched
             _merged_base(layers[quant[0]], dequantize=False)
     for name, layer in layers.items():
+        if not merge and layer.offset_in_base:
+            _restore_base_offset(layer)
         new = _merged_base(layer, dequantize) if merge else layer.base_layer
         _set_submodule(model, name, new)
     return model
+
+
+@torch.no_grad()
+def _restore_base_offset(layer: LoraLinear) -> None:
+    """Undo LoRA-GA's in-place ``W0 − s·B0·A0`` (fp32 arithmetic; exact up to one rounding in W0's dtype)."""
+    w = layer.base_layer.weight
+    target = w.t() if is_conv1d(layer.base_layer) else w
+    offset = (
+        layer.lora_B0.to(target.device, torch.float32) @ layer.lora_A0.to(target.device, torch.float32)
+    ) * layer.scaling
+    target.copy_((target.to(torch.float32) + offset).to(target.dtype))
+    layer.offset_in_base = False

@@ -537,3 +537,18 @@ def test_lora_ga_errors_leave_model_unpatched():
     assert not fastlora.lora_layers(model)
     ids = torch.randint(0, 96, (2, 12))
     torch.testing.assert_close(_logits(model, ids), _logits(base, ids), rtol=0, atol=0)
+
+
+def test_unpatch_restores_base_and_merge_keeps_function():
+    base = tiny_llama()
+    ids = torch.randint(0, 96, (2, 12))
+    model = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=_batches(2), progress=False)
+    with torch.no_grad():
+        for layer in fastlora.lora_layers(model).values():
+            layer.lora_B.add_(0.01 * torch.randn_like(layer.lora_B))  # as if trained
+    patched = _logits(model, ids)
+    merged = fastlora.unpatch(copy.deepcopy(model), merge=True)
+    torch.testing.assert_close(_logits(merged, ids), patched, rtol=1e-5, atol=1e-5)
+    restored = fastlora.unpatch(model)  # the in-place offset is added back: the original W0 returns
+    for (n, p), (_, q) in zip(restored.named_parameters(), base.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)

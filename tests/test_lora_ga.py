@@ -552,3 +552,32 @@ def test_unpatch_restores_base_and_merge_keeps_function():
     restored = fastlora.unpatch(model)  # the in-place offset is added back: the original W0 returns
     for (n, p), (_, q) in zip(restored.named_parameters(), base.named_parameters()):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)
+
+
+# -- CUDA paths (run on the GPU machine; skipped in CPU CI) ---------------------------------------------
+
+
+@pytest.mark.gpu
+def test_cuda_host_accumulator_and_block_offload_match_plain():
+    base = tiny_llama(num_hidden_layers=4)
+    data = _batches(3)
+    plain = fastlora.estimate_gradient(copy.deepcopy(base).cuda(), data, progress=False)
+    host = fastlora.estimate_gradient(copy.deepcopy(base).cuda(), data, offload="cpu", progress=False)
+    model = fastlora.patch(copy.deepcopy(base), r=2, alpha=4)  # stays in host memory
+    off = BlockOffloader(model, poison_evicted=True)
+    blocks = fastlora.estimate_gradient(model, data, offload=off, progress=False)
+    assert off.device.type == "cuda" and off.max_resident <= 3
+    assert all(p.device.type == "cpu" for p in model.parameters())  # back in host memory
+    for n in plain:
+        assert plain[n].is_cuda and not host[n].is_cuda and host[n].is_pinned()
+        assert relerr(host[n], plain[n]) < 1e-6, n
+        assert relerr(blocks[n], plain[n]) < 1e-5, n
+
+
+@pytest.mark.gpu
+def test_cuda_lora_ga_nf4_starts_equal_to_base():
+    base = quantize_model_bnb(tiny_llama()).cuda()
+    ids = torch.randint(0, 96, (2, 12), device="cuda")
+    ref = _logits(base, ids)
+    model = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=_batches(2), progress=False)
+    torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=1e-4)

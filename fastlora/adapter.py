@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._dist import is_main_process, unwrap_ddp
 from .layer import LoraLinear
 from .patching import inject, is_supported_linear, lora_layers
 
@@ -59,15 +60,23 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     The files are written to a temporary directory beside ``path`` and renamed into place, so a
     crash never leaves a half-written adapter; an existing adapter at ``path`` is replaced.
 
+    Under ``torch.distributed`` only rank 0 writes; the other ranks return at once, without waiting
+    for the files (call ``torch.distributed.barrier()`` after this if they read them). A
+    ``DistributedDataParallel`` wrapper is unwrapped. With FSDP2 (``fully_shard``) the sharded
+    A and B are all-gathered, a collective: **every rank must call** ``save_adapter``, not only rank 0
+    (with DDP, calling it on rank 0 alone is fine).
+
     Args:
-        model: a model patched by :func:`fastlora.patch` or :func:`fastlora.load_adapter`.
+        model: a model patched by :func:`fastlora.patch` or :func:`fastlora.load_adapter`, possibly
+            wrapped in DDP or sharded with FSDP2.
         path: the adapter directory to create or replace.
 
     Returns:
-        The adapter directory.
+        The adapter directory (on every rank).
     """
     from safetensors.torch import save_file
 
+    model = unwrap_ddp(model)
     layers = lora_layers(model)
     if not layers:
         raise ValueError("fastlora.save_adapter: the model has no LoRA layers; call fastlora.patch(model, ...) first")
@@ -104,6 +113,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     }
 
     dest = Path(path)
+    if not is_main_process():
+        return dest
     if dest.exists() and not dest.is_dir():
         raise FileExistsError(f"fastlora.save_adapter: {dest} exists and is not a directory")
     dest.parent.mkdir(parents=True, exist_ok=True)

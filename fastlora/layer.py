@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ._dist import full_tensor, is_dtensor
 from .ops import lora_linear
 from .ops.reference import BaseWeight, base_weight_dense
 from .quant import from_bnb, is_bnb_4bit
@@ -76,6 +77,11 @@ class LoraLinear(nn.Module):
         self.reset_parameters()
         for p in base_layer.parameters():
             p.requires_grad_(False)
+        if self.is_quantized and getattr(base_layer, "quant_state", None) is None:
+            # Keep the 4-bit quant state on the module too, as bitsandbytes does for the layers it
+            # builds: FSDP2 replaces the weight (a Params4bit) with a plain gathered tensor in forward,
+            # and from_bnb then finds the state here.
+            base_layer.quant_state = getattr(base_layer.weight, "quant_state", None)
 
     def _default_param_dtype(self) -> torch.dtype:
         # PEFT keeps adapter weights in fp32 (autocast_adapter_dtype=True): optimizer states stay
@@ -94,6 +100,12 @@ class LoraLinear(nn.Module):
 
     def base_weight(self) -> BaseWeight:
         """W0 as the op takes it: a dense ``[out, in]`` tensor (a view for Conv1D) or a 4-bit weight."""
+        if is_dtensor(self.base_layer.weight):
+            raise RuntimeError(
+                f"fastlora: the base weight of layer {self.name or 'LoraLinear'} is sharded by FSDP2 (a DTensor) and is "
+                "whole only inside the model's forward; merge or unpatch before fully_shard, or on a full "
+                "(unsharded) copy of the model"
+            )
         if self.is_quantized:
             return from_bnb(self.base_layer)
         w = self.base_layer.weight
@@ -122,8 +134,10 @@ class LoraLinear(nn.Module):
         With a frozen term the rank doubles, ``A' = [A; A0]``, ``B' = [B, −B0]``, and alpha is raised
         so that the scaling is unchanged: ``2·alpha`` (alpha/r), or ``√2·alpha`` with rsLoRA
         (alpha/√r).
+
+        Parameters sharded by FSDP2 are gathered whole: a collective every rank must call.
         """
-        A, B = self.lora_A.detach(), self.lora_B.detach()
+        A, B = full_tensor(self.lora_A.detach()), full_tensor(self.lora_B.detach())
         if self.lora_A0 is None:
             return A, B, self.lora_alpha
         A = torch.cat([A, self.lora_A0.to(A.dtype)], dim=0)

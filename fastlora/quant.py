@@ -257,6 +257,10 @@ def from_bnb(module: torch.nn.Module) -> QuantizedWeight:
     weight = module.weight
     qs = getattr(weight, "quant_state", None)
     if qs is None:
+        # FSDP2 (like FSDP1) hands the forward a plain gathered tensor instead of the Params4bit; the
+        # state stays on the module (bitsandbytes' fix_4bit_weight_quant_state_from_module does the same).
+        qs = getattr(module, "quant_state", None)
+    if qs is None:
         raise ValueError(
             "fastlora: this bitsandbytes Linear4bit holds no quant_state (it is quantised when moved to a "
             "device, e.g. model.to('cuda') or model.to('cpu')); move the model to its device before patching"

@@ -1,7 +1,8 @@
-"""One rank of the 2-process ``torch.distributed`` (gloo, CPU) runs of ``tests/test_distributed.py``.
+"""One rank of the 2-process ``torch.distributed`` runs of ``tests/test_distributed.py`` (gloo or NCCL).
 
 The test launches this file twice (``python distributed_worker.py OUTDIR SCENARIO...``) with
-``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set, as torchrun would. Every
+``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set, as torchrun would, and
+``FASTLORA_DIST_DEVICE`` ``cpu`` (gloo; in CI) or ``cuda`` (NCCL, one GPU per rank). Every
 scenario runs on both ranks and each rank saves what it saw to ``OUTDIR/<scenario>_rank<r>.pt``;
 adapters are written to ``OUTDIR/<scenario>_adapter``. The test computes the single-process
 references itself, with the helpers below (``build``, ``rank_ids``, ``train``...), so both sides
@@ -14,8 +15,12 @@ counts, and DDP and FSDP2 average gradients over ranks, so the two agree up to r
 
 from __future__ import annotations
 
-import datetime
 import os
+
+# NVLink multicast stays off wherever NCCL may start (the shared multi-GPU hosts require it).
+os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+
+import datetime
 import sys
 import traceback
 from collections.abc import Callable
@@ -34,10 +39,11 @@ STEPS = 4
 LR = 0.3  # plain SGD: the reference comparison stays linear in the gradients (no Adam 0/eps noise)
 SEQ = 16
 VOCAB = 96  # helpers.tiny_llama's vocabulary
+DEVICE = torch.device("cpu")  # this rank's device; main() sets cuda:LOCAL_RANK for NCCL runs
 
 
-def build(kind: str) -> nn.Module:
-    """The tiny Llama of ``helpers.tiny_llama`` ("fp32", "bf16" or "nf4" base), patched, B ≠ 0.
+def build(kind: str, device: torch.device | str = "cpu") -> nn.Module:
+    """The tiny Llama of ``helpers.tiny_llama`` ("fp32", "bf16" or "nf4" base) on ``device``, patched, B ≠ 0.
 
     B is drawn non-zero so that A gets a gradient at the first step, which the gradient checks need.
     """
@@ -50,6 +56,7 @@ def build(kind: str) -> nn.Module:
         model = quantize_model_bnb(model)  # blocksize 64: bnb's CPU dequant needs in % 64 == 0
     elif kind != "fp32":
         raise ValueError(kind)
+    model.to(device)  # a quantised Params4bit moves with its quant state
     fastlora.patch(model, r=R, alpha=ALPHA)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -86,7 +93,7 @@ def lora_state(model: nn.Module, what: str = "data") -> dict[str, torch.Tensor]:
         for which in ("lora_A", "lora_B"):
             p = getattr(layer, which)
             t = p.grad if what == "grad" else p.detach()
-            out[f"{name}.{which}"] = None if t is None else full(t).detach().clone()
+            out[f"{name}.{which}"] = None if t is None else full(t).detach().cpu().clone()
     return out
 
 
@@ -96,6 +103,7 @@ def train(model: nn.Module, ids: torch.Tensor, steps: int = STEPS) -> tuple[dict
     Under torch.distributed the reported loss is the mean over ranks, i.e. the union batch's loss.
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    ids = ids.to(params[0].device)
     opt = torch.optim.SGD(params, lr=LR)
     first: dict[str, torch.Tensor] = {}
     losses = []
@@ -117,7 +125,8 @@ def train(model: nn.Module, ids: torch.Tensor, steps: int = STEPS) -> tuple[dict
 @torch.no_grad()
 def probe_logits(model: nn.Module) -> torch.Tensor:
     model.eval()
-    logits = model(input_ids=probe_ids()).logits.float()
+    ids = probe_ids().to(next(model.parameters()).device)
+    logits = model(input_ids=ids).logits.float().cpu()
     model.train()
     return logits
 
@@ -172,15 +181,15 @@ def _error_of(fn: Callable[[], object]) -> str:
 def scenario_ddp(rank: int, out: Path) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
-    model = build("fp32")
-    ddp = DistributedDataParallel(model)
+    model = build("fp32", DEVICE)
+    ddp = DistributedDataParallel(model, device_ids=[DEVICE.index] if DEVICE.type == "cuda" else None)
     grads, losses = train(ddp, rank_ids(rank))
     fastlora.save_adapter(ddp, out / "ddp_adapter")  # the wrapper itself: save_adapter unwraps it
     return dict(grads=grads, losses=losses, params=lora_state(model), logits=probe_logits(model))
 
 
 def _fsdp(rank: int, out: Path, kind: str, tag: str, *, replicate_4bit: bool = False) -> dict:
-    model = build(kind)
+    model = build(kind, DEVICE)
     seen = record_compute_weights(model)
     ignored = None
     if replicate_4bit:
@@ -224,14 +233,14 @@ def lora_ga_result(model: nn.Module) -> dict[str, torch.Tensor]:
     """A, B and the (offset) base weight of every layer after a LoRA-GA init."""
     state = lora_state(model)
     for name, layer in fastlora.lora_layers(model).items():
-        state[f"{name}.base"] = layer.base_layer.weight.detach().clone()
+        state[f"{name}.base"] = layer.base_layer.weight.detach().cpu().clone()
     return state
 
 
 def scenario_lora_ga(rank: int, out: Path) -> dict:
     from helpers import tiny_llama
 
-    model = tiny_llama(0)
+    model = tiny_llama(0).to(DEVICE)
     data = lora_ga_batches(rank_ids(rank))
     fastlora.patch(model, method="lora_ga", r=R, alpha=ALPHA, data=data, iters=len(data), progress=False)
     return dict(init=lora_ga_result(model))
@@ -244,7 +253,14 @@ SCENARIOS: dict[str, Callable[[int, Path], dict]] = {
 
 def main(argv: list[str]) -> int:
     out, names = Path(argv[0]), argv[1:]
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    global DEVICE
+    timeout = datetime.timedelta(seconds=120)
+    if os.environ.get("FASTLORA_DIST_DEVICE", "cpu") == "cuda":
+        DEVICE = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(DEVICE)
+        dist.init_process_group("nccl", device_id=DEVICE, timeout=timeout)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
     rank = dist.get_rank()
     try:
         for name in names:

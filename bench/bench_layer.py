@@ -282,7 +282,7 @@ def parts(log):
             q = c.qw
             xa, _ = lora_down(c.x, c.A)
             row = dict(M=m, K=k, N=n)
-            row["dequant"] = do_bench(lambda q=q: dequant_4bit(q.packed, q.absmax, q.code, q.shape, q.blocksize,
+            row["dequant"] = do_bench(lambda q=q: dequant_4bit(q.packed, q.absmax, q.quant_type, q.shape, q.blocksize,
                 torch.bfloat16, absmax2=q.absmax2, code2=q.code2, offset=q.offset))  # fmt: skip
             row["down"] = do_bench(lambda c=c: lora_down(c.x, c.A))
             row["down_cat"] = do_bench(lambda c=c: lora_down(c.x, c.A, cat_width=R, scaling=SCALING))

@@ -13,10 +13,13 @@ import torch
 import triton
 import triton.language as tl
 
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
 
 def interpreting() -> bool:
-    """True under ``TRITON_INTERPRET=1`` (kernels then run on CPU tensors through numpy)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True under ``TRITON_INTERPRET=1`` (read at import: Triton decorates kernels for the
+    interpreter only if the variable is set before they are defined)."""
+    return _INTERPRETING
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -84,7 +87,7 @@ class Packed4bit(NamedTuple):
 
     packed: torch.Tensor  # uint8 (or any dtype viewing the same bytes)
     absmax: torch.Tensor  # fp32 [n_blocks], or uint8 codes into code2 when nested
-    code: torch.Tensor  # fp32 [16]
+    quant_type: str  # "nf4" or "fp4": bitsandbytes' value tables, built into the kernels
     shape: tuple[int, int]  # (N, K)
     blocksize: int
     absmax2: torch.Tensor | None = None
@@ -97,34 +100,32 @@ class Packed4bit(NamedTuple):
         return self.absmax2 is not None
 
 
+QTYPES = {"nf4": 0, "fp4": 1}
+
+
 def weight_args(w: torch.Tensor | Packed4bit) -> tuple[tuple, dict]:
-    """Kernel arguments ``(w_ptr, stride_wn, stride_wk, q_ptr, absmax_ptr, code_ptr, absmax2_ptr,
-    code2_ptr, offset_ptr, log2_bs, log2_bs2)`` and constexprs ``QUANT``/``NESTED``/``EVEN_K`` for a
-    dense ``[N, K]`` matrix (any strides) or a :class:`Packed4bit`."""
+    """Kernel arguments ``(w_ptr, stride_wn, stride_wk, q_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
+    offset_ptr)`` and the constexprs of ``load_w_tile`` for a dense ``[N, K]`` matrix (any strides)
+    or a :class:`Packed4bit`."""
     if isinstance(w, Packed4bit):
         packed = w.packed if w.packed.dtype == torch.uint8 else w.packed.view(torch.uint8)
         packed = packed.reshape(-1)
+        absmax = w.absmax.reshape(-1)
         if w.nested:
-            off = w.offset.reshape(1).to(torch.float32)
-            nest = (w.absmax2, w.code2, off, log2_exact(w.blocksize2))
+            nest = (w.absmax2, w.code2, w.offset.reshape(1).to(torch.float32))
+            log2_exact(w.blocksize2)
         else:
-            nest = (w.absmax, w.code, w.absmax, 0)
-        args = (
-            packed,
-            0,
-            0,
-            packed,
-            w.absmax.reshape(-1),
-            w.code,
-            nest[0],
-            nest[1],
-            nest[2],
-            log2_exact(w.blocksize),
-            nest[3],
-        )
-        return args, dict(QUANT=True, NESTED=w.nested, EVEN_K=w.shape[1] % 2 == 0)
-    args = (w, w.stride(0), w.stride(1), w, w, w, w, w, w, 0, 0)
-    return args, dict(QUANT=False, NESTED=False, EVEN_K=True)
+            nest = (absmax, absmax, absmax)
+        k = w.shape[1]
+        args = (packed, 0, 0, packed, absmax, *nest)
+        consts = dict(
+            QUANT=True, NESTED=w.nested, EVEN_K=k % 2 == 0, QTYPE=QTYPES[w.quant_type], BS=w.blocksize,
+            BS2=w.blocksize2 if w.nested else 256, K_ALIGNED=k % w.blocksize == 0,
+        )  # fmt: skip
+        log2_exact(w.blocksize)
+        return args, consts
+    args = (w, w.stride(0), w.stride(1), w, w, w, w, w)
+    return args, dict(QUANT=False, NESTED=False, EVEN_K=True, QTYPE=0, BS=64, BS2=256, K_ALIGNED=True)
 
 
 def weight_shape(w: torch.Tensor | Packed4bit) -> tuple[int, int]:
@@ -162,13 +163,74 @@ else:
 
 
 @triton.jit
-def nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask, log2_bs2, NESTED: tl.constexpr):
+def _nf4_value(nib):
+    """fp32 value of 4-bit code ``nib`` (int32, any shape) by a select tree on its bits: no memory
+    access (a table gather inside the main loop is turned into per-element async copies by the
+    software pipeliner). Constants are the fp32 bit patterns of the table, so values are exact."""
+    b0 = (nib & 1) != 0
+    b1 = (nib & 2) != 0
+    b2 = (nib & 4) != 0
+    b3 = (nib & 8) != 0
+    t0 = tl.where(b0, -1087227471, -1082130432)
+    t1 = tl.where(b0, -1094045024, -1090098384)
+    t2 = tl.where(b0, -1103284929, -1097751987)
+    t3 = tl.where(b0, 0, -1111852943)
+    t4 = tl.where(b0, 1042598627, 1034091263)
+    t5 = tl.where(b0, 1051525946, 1048315101)
+    t6 = tl.where(b0, 1058015147, 1054975160)
+    t7 = tl.where(b0, 1065353216, 1060705203)
+    u0 = tl.where(b1, t1, t0)
+    u1 = tl.where(b1, t3, t2)
+    u2 = tl.where(b1, t5, t4)
+    u3 = tl.where(b1, t7, t6)
+    v0 = tl.where(b2, u1, u0)
+    v1 = tl.where(b2, u3, u2)
+    return tl.where(b3, v1, v0).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp4_value(nib):
+    """fp32 value of 4-bit code ``nib`` (int32, any shape) by a select tree on its bits: no memory
+    access (a table gather inside the main loop is turned into per-element async copies by the
+    software pipeliner). Constants are the fp32 bit patterns of the table, so values are exact."""
+    b0 = (nib & 1) != 0
+    b1 = (nib & 2) != 0
+    b2 = (nib & 4) != 0
+    b3 = (nib & 8) != 0
+    t0 = tl.where(b0, 1001040555, 0)
+    t1 = tl.where(b0, 1065353216, 1059760811)
+    t2 = tl.where(b0, 1056964608, 1051372203)
+    t3 = tl.where(b0, 1048576000, 1042983595)
+    t4 = tl.where(b0, -1146443093, -2147483648)
+    t5 = tl.where(b0, -1082130432, -1087722837)
+    t6 = tl.where(b0, -1090519040, -1096111445)
+    t7 = tl.where(b0, -1098907648, -1104500053)
+    u0 = tl.where(b1, t1, t0)
+    u1 = tl.where(b1, t3, t2)
+    u2 = tl.where(b1, t5, t4)
+    u3 = tl.where(b1, t7, t6)
+    v0 = tl.where(b2, u1, u0)
+    v1 = tl.where(b2, u3, u2)
+    return tl.where(b3, v1, v0).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def code_value(nib, QTYPE: tl.constexpr):
+    """fp32 value of 4-bit code ``nib``: bitsandbytes' NF4 table (``QTYPE == 0``) or FP4 table (1)."""
+    if QTYPE == 0:
+        return _nf4_value(nib)
+    else:
+        return _fp4_value(nib)
+
+
+@triton.jit
+def block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask, BS2: tl.constexpr, NESTED: tl.constexpr):
     """fp32 scale of 4-bit block ``blk`` (any shape): ``absmax[blk]``, or with double quantisation
-    ``code2[q[blk]] * absmax2[blk >> log2_bs2]`` then ``+ offset[0]`` (two fp32 roundings, as bnb; the
+    ``code2[q[blk]] * absmax2[blk // BS2]`` then ``+ offset[0]`` (two fp32 roundings, as bnb; the
     kernels that call this are launched with ``enable_fp_fusion=False`` so no FMA is formed)."""
     if NESTED:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-        s2 = tl.load(absmax2_ptr + (blk >> log2_bs2), mask=mask, other=0.0)
+        s2 = tl.load(absmax2_ptr + blk // BS2, mask=mask, other=0.0)
         scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * s2
         scale = scale + tl.load(offset_ptr)
     else:
@@ -183,12 +245,9 @@ def load_w_tile(
     stride_wk,
     q_ptr,
     absmax_ptr,
-    code_ptr,
     absmax2_ptr,
     code2_ptr,
     offset_ptr,
-    log2_bs,
-    log2_bs2,
     offs_n,
     k0,
     N,
@@ -198,36 +257,58 @@ def load_w_tile(
     QUANT: tl.constexpr,
     NESTED: tl.constexpr,
     EVEN_K: tl.constexpr,
+    QTYPE: tl.constexpr,
+    BS: tl.constexpr,
+    BS2: tl.constexpr,
+    K_ALIGNED: tl.constexpr,
+    PAIRED: tl.constexpr,
     OUT: tl.constexpr,
 ):
     """``W0[offs_n, k0:k0+BLOCK_K]`` as a ``[BLOCK_R, BLOCK_K]`` tile of dtype ``OUT``, zero outside ``[N, K]``.
 
     Dense W0: a strided load. 4-bit W0 (bitsandbytes layout, see ``dequant.py``): read the packed
     bytes and dequantise in registers, each value ``code[q] * scale`` in fp32 rounded once to
-    ``OUT`` -- the same numbers as ``bitsandbytes.functional.dequantize_4bit``. With K even every
-    byte holds two neighbours of one row, so a row of the tile is ``BLOCK_K/2`` contiguous bytes;
-    with K odd pairs straddle rows and each element finds its own nibble.
+    ``OUT`` -- the same numbers as ``bitsandbytes.functional.dequantize_4bit``. The code value comes
+    from a select tree (no table load); when the tile's rows lie inside single scale blocks
+    (``K % BS == 0`` and ``BLOCK_K <= BS``) one scale per row is loaded, else one per element.
+    ``PAIRED`` (K even) loads each byte once and interleaves its two nibbles (``tl.join``) -- used by
+    the dequantisation kernel; the GEMMs load per element (a joined tile feeding ``tl.dot`` breaks
+    Triton 3.6's layout passes).
     """
     if QUANT:
-        if EVEN_K:
+        row_scale: tl.constexpr = K_ALIGNED and BLOCK_K <= BS
+        if PAIRED:
             offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BH] byte column inside a row
             mask = (offs_n[:, None] < N) & (offs_p[None, :] < K // 2)  # [BR, BH]
             byte = offs_n[:, None] * (K // 2) + offs_p[None, :]  # [BR, BH]
             b = tl.load(q_ptr + byte, mask=mask, other=0).to(tl.int32)
-            scale = nf4_scale(
-                absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (byte * 2) >> log2_bs, mask, log2_bs2, NESTED
-            )
-            hi = cast(tl.load(code_ptr + (b >> 4)) * scale, OUT)  # [BR, BH] even columns
-            lo = cast(tl.load(code_ptr + (b & 15)) * scale, OUT)  # [BR, BH] odd columns
+            if row_scale:
+                blk = (offs_n * K + k0) // BS  # [BR]
+                scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, offs_n < N, BS2, NESTED)[
+                    :, None
+                ]
+            else:
+                scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (byte * 2) // BS, mask, BS2, NESTED)
+            hi = cast(code_value(b >> 4, QTYPE) * scale, OUT)  # [BR, BH] even columns
+            lo = cast(code_value(b & 15, QTYPE) * scale, OUT)  # [BR, BH] odd columns
             w = tl.join(hi, lo).reshape(BLOCK_R, BLOCK_K)  # [BR, BK]
         else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
+            offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
             mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
             flat = offs_n[:, None] * K + offs_k[None, :]  # [BR, BK]
             b = tl.load(q_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-            nib = (b >> ((1 - (flat & 1)) * 4)) & 15
-            scale = nf4_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat >> log2_bs, mask, log2_bs2, NESTED)
-            w = cast(tl.load(code_ptr + nib) * scale, OUT)
+            if EVEN_K:  # noqa: SIM108 (constexpr branch) -- the flat index has the column's parity
+                nib = (b >> (((offs_k + 1) & 1) * 4)[None, :]) & 15
+            else:
+                nib = (b >> (((flat + 1) & 1) * 4)) & 15
+            if row_scale:
+                blk = (offs_n * K + k0) // BS  # [BR]
+                scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, offs_n < N, BS2, NESTED)[
+                    :, None
+                ]
+            else:
+                scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BS, mask, BS2, NESTED)
+            w = cast(code_value(nib, QTYPE) * scale, OUT)
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)

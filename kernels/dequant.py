@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import load_w_tile, log2_exact, make_configs, tl_dtype
+from ._common import Packed4bit, load_w_tile, make_configs, tl_dtype, weight_args
 
 __all__ = ["dequant_4bit"]
 
@@ -22,32 +22,32 @@ def _configs():
     return make_configs(
         "dequant",
         [
+            dict(BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=2),
+            dict(BLOCK_R=32, BLOCK_K=64, num_warps=4, num_stages=2),
+            dict(BLOCK_R=128, BLOCK_K=64, num_warps=8, num_stages=2),
             dict(BLOCK_R=16, BLOCK_K=256, num_warps=4, num_stages=2),
-            dict(BLOCK_R=32, BLOCK_K=256, num_warps=8, num_stages=2),
-            dict(BLOCK_R=8, BLOCK_K=512, num_warps=4, num_stages=2),
-            dict(BLOCK_R=64, BLOCK_K=128, num_warps=8, num_stages=2),
         ],
     )
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "QUANT_DTYPE_KEY"])
+@triton.autotune(configs=_configs(), key=["N", "K", "NESTED", "BS", "OUT"])
 @triton.jit
 def _dequant4_kernel(
     q_ptr,
     absmax_ptr,
-    code_ptr,
     absmax2_ptr,
     code2_ptr,
     offset_ptr,
-    log2_bs,
-    log2_bs2,
     out_ptr,
     stride_on,
     N,
     K,
-    QUANT_DTYPE_KEY,
     NESTED: tl.constexpr,
     EVEN_K: tl.constexpr,
+    QTYPE: tl.constexpr,
+    BS: tl.constexpr,
+    BS2: tl.constexpr,
+    K_ALIGNED: tl.constexpr,
     OUT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -62,12 +62,9 @@ def _dequant4_kernel(
         0,
         q_ptr,
         absmax_ptr,
-        code_ptr,
         absmax2_ptr,
         code2_ptr,
         offset_ptr,
-        log2_bs,
-        log2_bs2,
         offs_n,
         k0,
         N,
@@ -77,8 +74,13 @@ def _dequant4_kernel(
         True,
         NESTED,
         EVEN_K,
+        QTYPE,
+        BS,
+        BS2,
+        K_ALIGNED,
+        EVEN_K,
         OUT,
-    )  # [BR, BK]
+    )  # [BR, BK]  (fmt: skip)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :], w, mask=mask)
@@ -87,7 +89,7 @@ def _dequant4_kernel(
 def dequant_4bit(
     packed: torch.Tensor,
     absmax: torch.Tensor,
-    code: torch.Tensor,
+    quant_type: str,
     shape: tuple[int, int],
     blocksize: int,
     dtype: torch.dtype,
@@ -103,7 +105,7 @@ def dequant_4bit(
     Args:
         packed: the packed bytes (any dtype view of them; ``ceil(N*K/2)`` bytes).
         absmax: fp32 per-block scales, or uint8 codes into ``code2`` when double-quantised.
-        code: fp32 ``[16]`` value table (NF4 or FP4).
+        quant_type: "nf4" or "fp4" (bitsandbytes' value tables are built into the kernel).
         shape: ``(N, K)``.
         blocksize: elements per scale (a power of two).
         dtype: output dtype (bf16, fp16 or fp32).
@@ -116,33 +118,9 @@ def dequant_4bit(
     if out is None:
         out = torch.empty((n, k), dtype=dtype, device=packed.device)
     assert out.dtype == dtype and out.shape[0] >= n and out.shape[1] >= k and out.stride(1) == 1
-    nested = absmax2 is not None
-    if packed.dtype != torch.uint8:
-        packed = packed.view(torch.uint8)
-    packed = packed.reshape(-1)
-    if nested:
-        off = torch.as_tensor(offset, dtype=torch.float32, device=packed.device).reshape(1)
-        a2, c2, lbs2 = absmax2, code2, log2_exact(blocksize2)
-    else:
-        off, a2, c2, lbs2 = absmax, absmax, code, 0
+    w = Packed4bit(packed, absmax, quant_type, (n, k), blocksize, absmax2, code2, blocksize2, offset)
+    args, consts = weight_args(w)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
-    _dequant4_kernel[grid](
-        packed,
-        absmax.reshape(-1),
-        code,
-        a2,
-        c2,
-        off,
-        log2_exact(blocksize),
-        lbs2,
-        out,
-        out.stride(0),
-        n,
-        k,
-        int(nested) * 2 + (k % 2),
-        NESTED=nested,
-        EVEN_K=(k % 2 == 0),
-        OUT=tl_dtype(dtype),
-        enable_fp_fusion=False,
-    )
+    consts.pop("QUANT")
+    _dequant4_kernel[grid](*args[3:], out, out.stride(0), n, k, OUT=tl_dtype(dtype), enable_fp_fusion=False, **consts)
     return out

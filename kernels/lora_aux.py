@@ -22,14 +22,21 @@ from ._common import cast, dot_precision, dropout_scale, interpreting, mma, next
 __all__ = ["down_splits", "dropout_keep_mask", "lora_bwd_aux", "lora_down", "lora_up_add"]
 
 
+_META_CACHE: dict = {}
+
+
 def _meta(name: str, default: dict) -> dict:
     """Launch meta-parameters: ``default`` unless pinned by ``FASTLORA_TRITON_CONFIG_<NAME>``. These
     kernels accumulate with atomics or update in place, so they are not autotuned (re-running a
     config would add twice); the defaults below were picked by measurement (bench/NOTES.md)."""
+    key = (name, tuple(default.items()))
+    if key in _META_CACHE:
+        return _META_CACHE[key]
     meta = dict(default)
     meta.update(pinned_config(name) or {})
     if interpreting():
         meta.update(num_warps=4, num_stages=1)
+    _META_CACHE[key] = meta
     return meta
 
 
@@ -141,9 +148,10 @@ def lora_down(
     r = lora_A.shape[0]
     br = next_pow2(r)
     assert cat_width == 0 or (splits == 1 and r <= cat_width <= br)
-    meta = _meta("lora_down", dict(BLOCK_M=16 if m <= 64 else 32, BLOCK_K=128, num_warps=4, num_stages=3))
-    if interpreting():
-        meta["BLOCK_K"] = 64
+    meta = _meta(
+        "lora_down",
+        dict(BLOCK_M=16 if m <= 64 else 32, BLOCK_K=64 if interpreting() else 128, num_warps=4, num_stages=3),
+    )
     bk = meta["BLOCK_K"]
     k_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
     splits = triton.cdiv(k, k_split)

@@ -36,22 +36,24 @@ __all__ = ["lora_dx_fused", "lora_fwd_fused"]
 
 
 def _gemm_options() -> list[dict]:
+    """All configs of the two GEMMs; ``prune_by_m`` keeps those whose BLOCK_M suits the row count.
+    BLOCK_K <= 64 lets a 4-bit tile load one scale per row (blocksize 64 and up); 128x256 tiles
+    spill registers (compiler report, sm_90, Triton 3.6 and 3.9) and are left out."""
     small = [  # M <= 32: memory-bound on W0, many programs over N
-        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=1, num_warps=4, num_stages=3),
-        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
-        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=4),
-        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=1, num_warps=8, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=4),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP_M=1, num_warps=4, num_stages=4),
+        dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3),
     ]
     mid = [
-        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
-        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=3),
-        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=3),
     ]
     large = [
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
-        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
-        dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     ]
     return small + mid + large
 
@@ -88,12 +90,9 @@ def _lora_fwd_kernel(
     stride_wk,
     q_ptr,
     absmax_ptr,
-    code_ptr,
     absmax2_ptr,
     code2_ptr,
     offset_ptr,
-    log2_bs,
-    log2_bs2,
     xa_ptr,
     stride_xas,
     stride_xam,
@@ -114,6 +113,10 @@ def _lora_fwd_kernel(
     QUANT: tl.constexpr,
     NESTED: tl.constexpr,
     EVEN_K: tl.constexpr,
+    QTYPE: tl.constexpr,
+    BS: tl.constexpr,
+    BS2: tl.constexpr,
+    K_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     XA_SPLITS: tl.constexpr,
     DTYPE: tl.constexpr,
@@ -142,12 +145,9 @@ def _lora_fwd_kernel(
             stride_wk,
             q_ptr,
             absmax_ptr,
-            code_ptr,
             absmax2_ptr,
             code2_ptr,
             offset_ptr,
-            log2_bs,
-            log2_bs2,
             offs_n,
             k0,
             N,
@@ -157,6 +157,11 @@ def _lora_fwd_kernel(
             QUANT,
             NESTED,
             EVEN_K,
+            QTYPE,
+            BS,
+            BS2,
+            K_ALIGNED,
+            False,
             DTYPE,
         )  # [BN, BK]
         acc = mma(x, tl.trans(w), acc, PREC, F32)
@@ -203,12 +208,9 @@ def _lora_dx_kernel(
     stride_wk,
     q_ptr,
     absmax_ptr,
-    code_ptr,
     absmax2_ptr,
     code2_ptr,
     offset_ptr,
-    log2_bs,
-    log2_bs2,
     g_ptr,
     stride_gm,
     a_ptr,
@@ -228,6 +230,10 @@ def _lora_dx_kernel(
     QUANT: tl.constexpr,
     NESTED: tl.constexpr,
     EVEN_K: tl.constexpr,
+    QTYPE: tl.constexpr,
+    BS: tl.constexpr,
+    BS2: tl.constexpr,
+    K_ALIGNED: tl.constexpr,
     DROPOUT: tl.constexpr,
     DTYPE: tl.constexpr,
     PREC: tl.constexpr,
@@ -258,12 +264,9 @@ def _lora_dx_kernel(
             stride_wk,
             q_ptr,
             absmax_ptr,
-            code_ptr,
             absmax2_ptr,
             code2_ptr,
             offset_ptr,
-            log2_bs,
-            log2_bs2,
             offs_n,
             pid_k * BLOCK_K,
             N,
@@ -273,6 +276,11 @@ def _lora_dx_kernel(
             QUANT,
             NESTED,
             EVEN_K,
+            QTYPE,
+            BS,
+            BS2,
+            K_ALIGNED,
+            False,
             DTYPE,
         )  # [BN, BK]: W0's rows n0.. (reduction), columns of this output tile
         acc = mma(dy, w, acc, PREC, F32)

@@ -130,7 +130,7 @@ def test_dequant_bit_exact_vs_reference(quant_type, nested, shape, blocksize, dt
     )
     ref = dequantize(qw, dtype)
     out = dequant_4bit(
-        qw.packed, qw.absmax, qw.code, qw.shape, qw.blocksize, dtype,
+        qw.packed, qw.absmax, qw.quant_type, qw.shape, qw.blocksize, dtype,
         absmax2=qw.absmax2, code2=qw.code2, blocksize2=qw.blocksize2, offset=qw.offset,
     )  # fmt: skip
     assert out.dtype == dtype and out.shape == shape
@@ -142,7 +142,7 @@ def test_dequant_into_wider_buffer_leaves_tail(poison_empty):
 
     qw = quantize_4bit(torch.randn(24, 40, device=DEV), blocksize=64)
     buf = torch.full((24, 48), 7.0, dtype=torch.bfloat16, device=DEV)
-    dequant_4bit(qw.packed, qw.absmax, qw.code, qw.shape, 64, torch.bfloat16, absmax2=qw.absmax2,
+    dequant_4bit(qw.packed, qw.absmax, "nf4", qw.shape, 64, torch.bfloat16, absmax2=qw.absmax2,
                  code2=qw.code2, offset=qw.offset, out=buf)  # fmt: skip
     assert torch.equal(buf[:, :40], dequantize(qw, torch.bfloat16))
     assert (buf[:, 40:] == 7.0).all()
@@ -308,7 +308,7 @@ def test_gpu_dequant_bit_exact_vs_bitsandbytes(quant_type, nested, blocksize, sh
     if nested:
         kw = dict(absmax2=qs.state2.absmax, code2=qs.state2.code, blocksize2=qs.state2.blocksize,
                   offset=torch.as_tensor(qs.offset, dtype=torch.float32, device="cuda"))  # fmt: skip
-    out = dequant_4bit(packed, qs.absmax, qs.code, tuple(qs.shape), qs.blocksize, torch.bfloat16, **kw)
+    out = dequant_4bit(packed, qs.absmax, quant_type, tuple(qs.shape), qs.blocksize, torch.bfloat16, **kw)
     assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
 
 

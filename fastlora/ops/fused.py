@@ -102,7 +102,7 @@ def supports(x, base, lora_A, lora_B, bias=None, dropout_p=0.0) -> bool:
             return False
         if base.nested and base.blocksize2 & (base.blocksize2 - 1):
             return False
-        tensors += [base.packed, base.absmax, base.code]
+        tensors += [base.packed, base.absmax]
         n, k = base.shape
         if n * k >= 2**31:
             return False
@@ -124,11 +124,11 @@ def supports(x, base, lora_A, lora_B, bias=None, dropout_p=0.0) -> bool:
 # ------------------------------------------------------------------------------------------------
 # implementation (plain functions on 2-D tensors)
 # ------------------------------------------------------------------------------------------------
-def _weight(w, absmax, code, absmax2, code2, offset, qmeta) -> torch.Tensor | Packed4bit:
-    n, k, bs, bs2 = qmeta
+def _weight(w, absmax, absmax2, code2, offset, qmeta) -> torch.Tensor | Packed4bit:
+    n, k, bs, bs2, qtype = qmeta
     if absmax is None:
         return w
-    return Packed4bit(w, absmax, code, (n, k), bs, absmax2, code2, bs2, offset)
+    return Packed4bit(w, absmax, ("nf4", "fp4")[qtype], (n, k), bs, absmax2, code2, bs2, offset)
 
 
 def _dense_into(w: torch.Tensor | Packed4bit, out: torch.Tensor) -> None:
@@ -136,7 +136,7 @@ def _dense_into(w: torch.Tensor | Packed4bit, out: torch.Tensor) -> None:
     n, k = w.shape if isinstance(w, Packed4bit) else tuple(w.shape)
     if isinstance(w, Packed4bit):
         dequant_4bit(
-            w.packed, w.absmax, w.code, w.shape, w.blocksize, out.dtype,
+            w.packed, w.absmax, w.quant_type, w.shape, w.blocksize, out.dtype,
             absmax2=w.absmax2, code2=w.code2, blocksize2=w.blocksize2, offset=w.offset, out=out,
         )  # fmt: skip
     else:
@@ -146,7 +146,7 @@ def _dense_into(w: torch.Tensor | Packed4bit, out: torch.Tensor) -> None:
 def _dense(w: torch.Tensor | Packed4bit, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(w, Packed4bit):
         return dequant_4bit(
-            w.packed, w.absmax, w.code, w.shape, w.blocksize, dtype,
+            w.packed, w.absmax, w.quant_type, w.shape, w.blocksize, dtype,
             absmax2=w.absmax2, code2=w.code2, blocksize2=w.blocksize2, offset=w.offset,
         )  # fmt: skip
     return w
@@ -230,7 +230,6 @@ def _fwd_op(
     x: torch.Tensor,
     w: torch.Tensor,
     absmax: torch.Tensor | None,
-    code: torch.Tensor | None,
     absmax2: torch.Tensor | None,
     code2: torch.Tensor | None,
     offset: torch.Tensor | None,
@@ -242,13 +241,13 @@ def _fwd_op(
     dropout_p: float,
     seed: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    weight = _weight(w, absmax, code, absmax2, code2, offset, qmeta)
+    weight = _weight(w, absmax, absmax2, code2, offset, qmeta)
     with torch.autocast(x.device.type, enabled=False):
         return forward_impl(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
 
 
 @_fwd_op.register_fake
-def _(x, w, absmax, code, absmax2, code2, offset, qmeta, lora_A, lora_B, bias, scaling, dropout_p, seed):
+def _(x, w, absmax, absmax2, code2, offset, qmeta, lora_A, lora_B, bias, scaling, dropout_p, seed):
     m = x.shape[0]
     return x.new_empty((m, qmeta[0])), x.new_empty((m, lora_A.shape[0]))
 
@@ -259,7 +258,6 @@ def _bwd_op(
     x: torch.Tensor,
     w: torch.Tensor,
     absmax: torch.Tensor | None,
-    code: torch.Tensor | None,
     absmax2: torch.Tensor | None,
     code2: torch.Tensor | None,
     offset: torch.Tensor | None,
@@ -272,7 +270,7 @@ def _bwd_op(
     seed: int,
     needs_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    weight = _weight(w, absmax, code, absmax2, code2, offset, qmeta)
+    weight = _weight(w, absmax, absmax2, code2, offset, qmeta)
     with torch.autocast(dy.device.type, enabled=False):
         dx, da, db = backward_impl(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx)
     if dx is None:
@@ -281,33 +279,56 @@ def _bwd_op(
 
 
 @_bwd_op.register_fake
-def _(dy, x, w, absmax, code, absmax2, code2, offset, qmeta, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx):
+def _(dy, x, w, absmax, absmax2, code2, offset, qmeta, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx):
     dx = dy.new_empty((dy.shape[0], qmeta[1]) if needs_dx else (0,))
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, absmax, code, absmax2, code2, offset, qmeta, lora_A, lora_B, _bias, scaling, dropout_p, seed = inputs
+    x, w, absmax, absmax2, code2, offset, qmeta, lora_A, lora_B, _bias, scaling, dropout_p, seed = inputs
     _, xa = output
-    ctx.save_for_backward(x, w, absmax, code, absmax2, code2, offset, lora_A, lora_B, xa)
+    ctx.save_for_backward(x, w, absmax, absmax2, code2, offset, lora_A, lora_B, xa)
     ctx.qmeta, ctx.scaling, ctx.dropout_p, ctx.seed = list(qmeta), scaling, dropout_p, seed
 
 
 def _backward(ctx, dy, dxa):
-    x, w, absmax, code, absmax2, code2, offset, lora_A, lora_B, xa = ctx.saved_tensors
+    x, w, absmax, absmax2, code2, offset, lora_A, lora_B, xa = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dx, da, db = torch.ops.fastlora.lora_linear_bwd(
-        dy, x, w, absmax, code, absmax2, code2, offset, ctx.qmeta, lora_A, lora_B, xa,
+        dy, x, w, absmax, absmax2, code2, offset, ctx.qmeta, lora_A, lora_B, xa,
         ctx.scaling, ctx.dropout_p, ctx.seed, bool(needs[0]),
     )  # fmt: skip
-    dbias = dy.sum(0) if needs[10] else None
+    dbias = dy.sum(0) if needs[9] else None
     return (
-        dx if needs[0] else None, None, None, None, None, None, None, None,
-        da if needs[8] else None, db if needs[9] else None, dbias, None, None, None,
+        dx if needs[0] else None, None, None, None, None, None, None,
+        da if needs[7] else None, db if needs[8] else None, dbias, None, None, None,
     )  # fmt: skip
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _LoraLinearFused(torch.autograd.Function):
+    """Eager twin of the custom ops (same implementation, less Python dispatch per call)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
+        with torch.autocast(x.device.type, enabled=False):
+            y, xa = forward_impl(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+        ctx.save_for_backward(x, lora_A, lora_B, xa)
+        ctx.weight, ctx.scaling, ctx.dropout_p, ctx.seed = weight, scaling, dropout_p, seed
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, lora_A, lora_B, xa = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with torch.autocast(dy.device.type, enabled=False):
+            dx, da, db = backward_impl(
+                dy, x, ctx.weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, ctx.seed, bool(needs[0])
+            )
+        dbias = dy.sum(0) if needs[4] else None
+        return dx, None, da if needs[2] else None, db if needs[3] else None, dbias, None, None, None
 
 
 def lora_linear_fused(
@@ -323,20 +344,30 @@ def lora_linear_fused(
     """``x·W0ᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ (+ bias)`` through the Triton kernels, with autograd.
 
     Same contract as :func:`fastlora.ops.reference.lora_linear_reference` (check :func:`supports`
-    first); the dropout mask is drawn by Philox from ``seed`` (see the module docstring).
+    first); the dropout mask is drawn by Philox from ``seed`` (see the module docstring). Under
+    ``torch.compile`` this calls the ``fastlora::lora_linear_fwd``/``_bwd`` custom ops (no graph
+    break); eagerly, an ``autograd.Function`` around the same implementation.
     """
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
+    n = base.shape[0]
     if isinstance(base, QuantizedWeight):
-        n = base.shape[0]
-        qmeta = [n, k, base.blocksize, base.blocksize2]
         packed = base.packed if base.packed.dtype == torch.uint8 else base.packed.view(torch.uint8)
         offset = base.offset.reshape(1).float() if base.nested else None
-        wt = (packed.reshape(-1), base.absmax, base.code, base.absmax2, base.code2, offset)
+        qtype = 0 if base.quant_type == "nf4" else 1
+        if not torch.compiler.is_compiling():
+            weight = Packed4bit(packed.reshape(-1), base.absmax, base.quant_type, (n, k), base.blocksize,
+                                base.absmax2, base.code2, base.blocksize2, offset)  # fmt: skip
+            y = _LoraLinearFused.apply(x2, weight, lora_A, lora_B, bias, float(scaling), float(dropout_p), int(seed))
+            return y.reshape(*x.shape[:-1], n)
+        qmeta = [n, k, base.blocksize, base.blocksize2, qtype]
+        wt = (packed.reshape(-1), base.absmax, base.absmax2, base.code2, offset)
     else:
-        n = base.shape[0]
-        qmeta = [n, k, 0, 0]
-        wt = (base, None, None, None, None, None)
+        if not torch.compiler.is_compiling():
+            y = _LoraLinearFused.apply(x2, base, lora_A, lora_B, bias, float(scaling), float(dropout_p), int(seed))
+            return y.reshape(*x.shape[:-1], n)
+        qmeta = [n, k, 0, 0, 0]
+        wt = (base, None, None, None, None)
     y, _ = torch.ops.fastlora.lora_linear_fwd(
         x2, *wt, qmeta, lora_A, lora_B, bias, float(scaling), float(dropout_p), int(seed)
     )

@@ -25,7 +25,7 @@ import itertools
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ __all__ = [
     "estimate_gradient",
     "outer_fp32",
 ]
+
+if TYPE_CHECKING:
+    from .sketch import SketchedGradient
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -203,45 +206,51 @@ class DenseAccumulator(GradientAccumulator):
 
 
 class HostAccumulator(GradientAccumulator):
-    """fp32 accumulators in (pinned) host memory, so the device holds only a few layers' partials.
+    """fp32 accumulators in host memory, so the device holds only a few layers' partials at a time.
 
-    On CUDA each ``add`` computes the partial ``dYᵀ·x`` on the device (compute stream), then a side
-    stream waits for it (event), copies it into a pinned staging buffer and records a second event;
-    a host worker thread waits on that event and adds the buffer into the layer's host sum. The
-    compute stream never waits for the copy, and at most ``max_inflight`` partials exist at once (the
-    backward thread blocks for a free staging buffer beyond that), which bounds device memory.
+    On CUDA each ``add`` computes the partial ``dYᵀ·x`` on the device (compute stream); a side stream
+    waits for it, copies it into a pinned staging buffer and records an event; a host worker thread
+    waits on that event and adds the buffer into the layer's host sum. The compute stream never
+    waits for a copy. At most ``max_inflight`` partials exist at once (the backward thread blocks
+    for a free staging buffer beyond that), which bounds device memory to that many layers'
+    partials. Only the staging buffers are pinned: the sums themselves are ordinary memory (pinning
+    26 GiB of sums for a 7B model would starve the host), and each layer's sum is created by its
+    first partial (a copy instead of zero-fill plus add).
 
-    On a CPU-only machine the partial is already in host memory: it goes straight to the worker,
-    through the same queue and the same bound (so this logic is exercised on CPU too).
+    ``workers`` host threads share the adds (each layer always goes to the same thread, so no sum is
+    written by two threads); the rate of these adds -- host memory bandwidth, three fp32 passes per
+    partial -- is what bounds this accumulator's speed.
+
+    On a CPU-only machine the partial is already in host memory: it goes straight to the workers,
+    through the same queues and the same bound (so this logic is exercised on CPU too).
     """
 
-    def __init__(self, shapes: Mapping[str, tuple[int, int]], *, max_inflight: int = 3) -> None:
+    def __init__(self, shapes: Mapping[str, tuple[int, int]], *, max_inflight: int = 3, workers: int = 1) -> None:
         super().__init__(shapes)
-        if max_inflight < 1:
-            raise ValueError("fastlora: max_inflight must be >= 1")
+        if max_inflight < 1 or workers < 1:
+            raise ValueError("fastlora: max_inflight and workers must be >= 1")
         # Pinned memory needs a CUDA driver; on CPU-only builds plain memory is the host memory.
         self._pin = torch.cuda.is_available()
-        self._sums = {
-            name: torch.zeros(n_out, n_in, dtype=torch.float32, pin_memory=self._pin)
-            for name, (n_out, n_in) in self.shapes.items()
-        }
+        self._sums: dict[str, torch.Tensor] = {}
         self._max_numel = max((o * i for o, i in self.shapes.values()), default=0)
-        self._free: queue.Queue[torch.Tensor | None] = queue.Queue()
-        self._n_staging = 0
-        self._max_inflight = max_inflight
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
         self._slots = threading.BoundedSemaphore(max_inflight)
-        self._work: queue.Queue[tuple | None] = queue.Queue()
         self._error: BaseException | None = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
-        self._worker = threading.Thread(target=self._run, name="fastlora-host-accumulator", daemon=True)
-        self._worker.start()
+        self._owner = {name: i % workers for i, name in enumerate(self.shapes)}
+        self._queues: list[queue.Queue[tuple | None]] = [queue.Queue() for _ in range(workers)]
+        self._workers = [
+            threading.Thread(target=self._run, args=(q,), name=f"fastlora-host-accumulator-{i}", daemon=True)
+            for i, q in enumerate(self._queues)
+        ]
+        for w in self._workers:
+            w.start()
 
     def _staging(self) -> torch.Tensor:
-        # Staging buffers are created lazily (only CUDA needs them), up to max_inflight of them.
+        # Created lazily (only CUDA needs them); never more than max_inflight exist.
         try:
             return self._free.get_nowait()
         except queue.Empty:
-            self._n_staging += 1
             return torch.empty(self._max_numel, dtype=torch.float32, pin_memory=self._pin)
 
     def _side_stream(self, device: torch.device) -> torch.cuda.Stream:
@@ -267,32 +276,39 @@ class HostAccumulator(GradientAccumulator):
                 # The partial was allocated on the compute stream: keep the allocator from reusing
                 # its memory until the side stream's copy has read it.
                 part.record_stream(side)
-                self._work.put((name, buf, done, stage))
+                item = (name, buf, done, stage)
             else:
-                self._work.put((name, part, None, None))
+                item = (name, part, None, None)
+            self._queues[self._owner[name]].put(item)
             self.updates[name] += 1
         except BaseException:
             self._slots.release()
             raise
 
-    def _run(self) -> None:
+    def _run(self, work: queue.Queue) -> None:
         while True:
-            item = self._work.get()
+            item = work.get()
             if item is None:
+                work.task_done()
                 return
             name, buf, done, stage = item
             try:
                 if self._error is None:
                     if done is not None:
                         done.synchronize()
-                    self._sums[name].add_(buf)
+                    total = self._sums.get(name)
+                    if total is None:
+                        # the first partial becomes the sum (a staged one is copied out of its buffer)
+                        self._sums[name] = buf if stage is None else buf.clone()
+                    else:
+                        total.add_(buf)
             except BaseException as exc:  # surfaced on the next add / flush
                 self._error = exc
             finally:
                 if stage is not None:
                     self._free.put(stage)
                 self._slots.release()
-                self._work.task_done()
+                work.task_done()
 
     def _raise_pending(self) -> None:
         if self._error is not None:
@@ -300,16 +316,21 @@ class HostAccumulator(GradientAccumulator):
             raise RuntimeError(f"fastlora: host gradient accumulation failed: {exc}") from exc
 
     def flush(self) -> None:
-        self._work.join()
+        for q in self._queues:
+            q.join()
         self._raise_pending()
 
     def close(self) -> None:
-        if self._worker.is_alive():
-            self._work.put(None)
-            self._worker.join()
+        for q, w in zip(self._queues, self._workers):
+            if w.is_alive():
+                q.put(None)
+                w.join()
 
     def state(self) -> dict[str, torch.Tensor]:
-        return self._sums
+        for name, (n_out, n_in) in self.shapes.items():
+            if name not in self._sums:  # a layer no batch reached
+                self._sums[name] = torch.zeros(n_out, n_in, dtype=torch.float32)
+        return {name: self._sums[name] for name in self.shapes}
 
 
 # -- hooks ------------------------------------------------------------------------------------------------
@@ -489,7 +510,9 @@ def estimate_gradient(
     accumulator: GradientAccumulator | None = None,
     device: torch.device | str | None = None,
     blocks: Sequence[nn.Module] | Sequence[str] | None = None,
-) -> GradientEstimate:
+    sketch: int | str | None = None,
+    passes: int = 1,
+) -> GradientEstimate | SketchedGradient:
     """Average the full-weight gradient of every target linear layer over ``iters`` batches.
 
     Nothing of the model changes: parameters' ``requires_grad`` flags are restored afterwards and no
@@ -517,9 +540,14 @@ def estimate_gradient(
         device: the compute device of ``offload="blocks"`` (default: the current CUDA device, else CPU).
         blocks: for ``offload="blocks"``: the block modules (or their class names) to stream; default
             the classes in the model's ``_no_split_modules``.
+        sketch: ``None`` (the dense estimate), or a randomized sketch of width ``k`` per layer (an int,
+            or ``"auto"``: from each LoRA layer's rank) that yields only the top singular triplets,
+            in ``O((out+in)·k)`` memory per layer: see :func:`fastlora.sketch.estimate_sketched`.
+        passes: with ``sketch``: 1, or 2 for a second pass over the (re-iterable) data.
 
     Returns:
-        A :class:`GradientEstimate`: fp32 ``[out, in]`` per layer (fp64 for an fp64 model), on the layers' devices (host memory
+        With ``sketch``, a :class:`fastlora.sketch.SketchedGradient` (``{name: (U, S, Vh)}``). Else
+        a :class:`GradientEstimate`: fp32 ``[out, in]`` per layer (fp64 for an fp64 model), on the layers' devices (host memory
         with offload), summed over ranks and averaged over all ranks' batches when
         ``torch.distributed`` is initialised.
 
@@ -527,6 +555,16 @@ def estimate_gradient(
         ValueError: ``data`` yields no batch, an unknown ``offload``, a target got no gradient, or a
             gradient is NaN/inf (the message names the layer).
     """
+    if sketch is not None:
+        from .sketch import estimate_sketched
+
+        return estimate_sketched(
+            model, data, sketch=sketch, passes=passes, iters=iters, loss_fn=loss_fn, offload=offload,
+            progress=progress, target_modules=target_modules, exclude=exclude, targets=targets, device=device,
+            blocks=blocks,
+        )  # fmt: skip
+    if passes != 1:
+        raise ValueError("fastlora.estimate_gradient: passes=2 is for sketch=...; the dense estimate is exact")
     if not (offload in (None, "cpu", "blocks") or isinstance(offload, BlockOffloader)):
         raise ValueError(f"fastlora.estimate_gradient: offload must be None, 'cpu' or 'blocks', got {offload!r}")
     if not isinstance(iters, int) or iters < 1:

@@ -9,6 +9,7 @@ in ``rank_pattern`` / ``alpha_pattern``, whose keys PEFT matches as ``(.*\\.)?<k
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -27,6 +28,7 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+FROZEN_KEY = "fastlora_frozen_rank"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -93,6 +95,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     for name, (A, B, _) in exported.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = A.contiguous().cpu()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = B.contiguous().cpu()
+    # LoRA-GA layers export [A; A0] and [B, -B0]: record the frozen half's rank so that load_adapter
+    # can resume training with A0, B0 frozen again. In the safetensors metadata, which PEFT ignores
+    # (an unknown adapter_config.json key would make it warn).
+    frozen = {n: int(layer.lora_A0.shape[0]) for n, layer in layers.items() if layer.lora_A0 is not None}
+    metadata = {"format": "pt", "fastlora_version": _version()}
+    if frozen:
+        metadata[FROZEN_KEY] = json.dumps(frozen, sort_keys=True)
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -120,7 +129,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "fastlora_version": _version()})
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
@@ -176,7 +185,21 @@ def _group(state: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, to
     return groups
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> nn.Module:
+def _frozen_ranks(path: Path) -> dict[str, int]:
+    """``{module: rank of the frozen half}`` recorded by :func:`save_adapter` for LoRA-GA layers."""
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata() or {}
+    return {k: int(v) for k, v in json.loads(meta.get(FROZEN_KEY, "{}")).items()}
+
+
+def load_adapter(
+    model: nn.Module, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None, keep_frozen: bool = True
+) -> nn.Module:
     """Load a PEFT LoRA adapter (written by fastlora or by PEFT) into ``model``.
 
     An unpatched model is patched with one :class:`LoraLinear` per adapter module, each with its
@@ -189,6 +212,10 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, dtype: torch
         model: the base model the adapter was trained on (or that model, patched).
         path: the adapter directory.
         dtype: dtype for A and B (default fp32).
+        keep_frozen: for an adapter saved from a LoRA-GA model (rank ``2r`` = trainable ``[A; A0]`` and
+            ``[B, −B0]``), rebuild the layers as rank ``r`` with ``A0``, ``B0`` frozen again, so that
+            training resumes exactly where it stopped (same function, same trainable parameters).
+            ``False`` loads the plain rank-``2r`` LoRA, as PEFT does.
 
     Returns:
         ``model``, patched, with the adapter's weights.
@@ -200,6 +227,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, dtype: torch
     alpha_default = float(config.get("lora_alpha", config.get("r", 8)))
     alpha_pattern = config.get("alpha_pattern") or {}
     existing = lora_layers(model)
+    frozen = _frozen_ranks(path) if keep_frozen else {}
     specs: dict[str, tuple[int, float]] = {}
     for name, ab in groups.items():
         A, B = ab["A"], ab["B"]
@@ -223,7 +251,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, dtype: torch
                 f"fastlora.load_adapter: shapes do not fit {name!r} ({in_f}->{out_f}): lora_A {tuple(A.shape)}, "
                 f"lora_B {tuple(B.shape)}; expected [r, {in_f}] and [{out_f}, r]. Was it trained on another model?"
             )
-        specs[name] = (r, _pattern_value(name, alpha_pattern, alpha_default))
+        alpha = _pattern_value(name, alpha_pattern, alpha_default)
+        r0 = frozen.get(name, 0)
+        if 0 < r0 < r:  # trainable rank r - r0, same scaling: alpha·(r-r0)/r (rsLoRA: ·sqrt((r-r0)/r))
+            ratio = (r - r0) / r
+            alpha, r = alpha * (math.sqrt(ratio) if use_rslora else ratio), r - r0
+        specs[name] = (r, alpha)
     if existing:
         if set(existing) != set(specs) or any(existing[n].r != specs[n][0] for n in specs):
             raise ValueError(
@@ -241,6 +274,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, dtype: torch
         )
     with torch.no_grad():
         for name, ab in groups.items():
-            layers[name].lora_A.copy_(ab["A"])
-            layers[name].lora_B.copy_(ab["B"])
+            layer, r = layers[name], specs[name][0]
+            if layer.offset_in_base:  # a LoRA-GA offset subtracted in place: give the base back first
+                from .patching import _restore_base_offset
+
+                _restore_base_offset(layer)
+            layer.lora_A.copy_(ab["A"][:r])
+            layer.lora_B.copy_(ab["B"][:, :r])
+            has_frozen = ab["A"].shape[0] > r
+            layer.set_frozen_offset(ab["A"][r:] if has_frozen else None, -ab["B"][:, r:] if has_frozen else None)
     return model

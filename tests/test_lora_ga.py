@@ -582,3 +582,39 @@ def test_cuda_lora_ga_nf4_starts_equal_to_base():
     ref = _logits(base, ids)
     model = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=_batches(2), progress=False)
     torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_resume_from_saved_adapter_keeps_frozen_half(tmp_path, use_rslora):
+    base = tiny_llama()
+    data = _batches(3)
+    ids = torch.randint(0, 96, (2, 12))
+    model = fastlora.patch(
+        copy.deepcopy(base), method="lora_ga", r=4, alpha=8, use_rslora=use_rslora, data=data, progress=False
+    )
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for batch in data[:2]:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    fastlora.save_adapter(model, tmp_path / "ckpt")
+    at_ckpt = _logits(model, ids)
+
+    resumed = fastlora.load_adapter(copy.deepcopy(base), tmp_path / "ckpt")
+    layers, trained = fastlora.lora_layers(resumed), fastlora.lora_layers(model)
+    for name, layer in layers.items():
+        assert layer.r == 4 and layer.lora_A0 is not None and not layer.offset_in_base
+        assert layer.scaling == pytest.approx(trained[name].scaling)
+        torch.testing.assert_close(layer.lora_A, trained[name].lora_A)
+        torch.testing.assert_close(layer.lora_B0, trained[name].lora_B0)
+    torch.testing.assert_close(_logits(resumed, ids), at_ckpt, rtol=1e-5, atol=1e-5)
+    # one more SGD step on both: the same trainable parameters get the same update
+    opt2 = torch.optim.SGD([p for p in resumed.parameters() if p.requires_grad], lr=0.05)
+    for m, o in ((model, opt), (resumed, opt2)):
+        m(**data[2]).loss.backward()
+        o.step()
+    torch.testing.assert_close(_logits(resumed, ids), _logits(model, ids), rtol=1e-4, atol=1e-4)
+
+    plain = fastlora.load_adapter(copy.deepcopy(base), tmp_path / "ckpt", keep_frozen=False)  # as PEFT
+    assert all(layer.r == 8 and layer.lora_A0 is None for layer in fastlora.lora_layers(plain).values())
+    torch.testing.assert_close(_logits(plain, ids), at_ckpt, rtol=1e-5, atol=1e-5)

@@ -194,7 +194,7 @@ class Case:
         return y, dy @ w0 + SCALING * g @ A, SCALING * g.t() @ x, SCALING * dy.t() @ xa
 
 
-def run_shape(m, k, n, variants, log):
+def run_shape(m, k, n, variants, log, fused_max_m=1 << 30):
     case = Case(m, k, n)
     res = dict(M=m, K=k, N=n, r=R)
     ffwd, ffb = case.floor()
@@ -206,6 +206,8 @@ def run_shape(m, k, n, variants, log):
         del model, fwd, fb
         truth = case.truth(quant)
         for v in variants:
+            if v == "fused" and m > fused_max_m:
+                continue
             fwd, fb = case.fastlora(quant, v)
             out = fb()  # first call: autotuning + correctness
             errs = [_relerr(a, b) for a, b in zip(out, truth)]
@@ -306,6 +308,47 @@ def parts(log):
     return out
 
 
+def host_profile(log, m: int = 16, k: int = 4096, n: int = 4096, calls: int = 50) -> dict:
+    """Host (CPU) time per call of each method at a decode-sized M: launches are queued without
+    syncing, so when the GPU work is shorter than the Python path this is the host cost. Also a
+    cProfile of fastlora's NF4 forward+backward (top functions by own time)."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    case = Case(m, k, n)
+    methods = dict(floor=case.floor())
+    for quant in (True, False):
+        tag = "nf4" if quant else "bf16"
+        p = case.peft(quant)
+        methods[f"peft_{tag}"] = (p[0], p[1])
+        methods[f"fl_{tag}_auto"] = case.fastlora(quant, "auto")
+    out = {}
+    for name, (fwd, fb) in methods.items():
+        for kind, fn in (("fwd", fwd), ("fb", fb)):
+            fn()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            out[f"{name}_{kind}_host_us"] = (time.perf_counter() - t) / calls * 1e6
+            torch.cuda.synchronize()
+    log(f"host us/call (M={m}, {k}x{n}): " + ", ".join(f"{kk}={v:.0f}" for kk, v in out.items()))
+    prof = cProfile.Profile()
+    fb = methods["fl_nf4_auto"][1]
+    prof.enable()
+    for _ in range(calls):
+        fb()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
+    out["profile_fl_nf4_fb"] = buf.getvalue()
+    log(buf.getvalue()[-4000:])
+    return out
+
+
 def ceilings(log):
     a = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
     b = torch.empty_like(a)
@@ -325,6 +368,8 @@ def main(argv=None):
     ap.add_argument("--shapes", type=str, default=None, help="e.g. 4096x4096,14336x4096 (K x N)")
     ap.add_argument("--variants", type=str, default=",".join(VARIANTS))
     ap.add_argument("--no-parts", action="store_true")
+    ap.add_argument("--fused-max-m", type=int, default=1 << 30, help="skip the forced 'fused' variant above this M")
+    ap.add_argument("--host", action="store_true", help="also measure host time per call and profile it")
     ap.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny shapes: checks the script runs")
     ap.add_argument("--out", type=str, default=str(Path(__file__).parent / "results" / "layer.json"))
     args = ap.parse_args(argv)
@@ -363,8 +408,11 @@ def main(argv=None):
 
     for k, n in shapes:
         for m in ms:
-            results.append(run_shape(m, k, n, variants, log))
+            results.append(run_shape(m, k, n, variants, log, args.fused_max_m))
             save()
+    if args.host and DEVICE == "cuda":
+        meta["host"] = host_profile(log)
+        save()
     meta["parts"] = [] if args.no_parts or args.quick else parts(log)
     save()
     log(f"wrote {args.out}")

@@ -150,7 +150,7 @@ def lora_down(
     assert cat_width == 0 or (splits == 1 and r <= cat_width <= br)
     meta = _meta(
         "lora_down",
-        dict(BLOCK_M=16 if m <= 64 else 32, BLOCK_K=64 if interpreting() else 128, num_warps=4, num_stages=3),
+        dict(BLOCK_M=16 if m <= 8192 else 32, BLOCK_K=64 if interpreting() else 128, num_warps=4, num_stages=3),
     )
     bk = meta["BLOCK_K"]
     k_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk

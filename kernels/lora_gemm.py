@@ -32,7 +32,7 @@ from ._common import (
     weight_shape,
 )
 
-__all__ = ["lora_dx_fused", "lora_fwd_fused"]
+__all__ = ["fwd_splits", "lora_dx_fused", "lora_fwd_fused"]
 
 
 def _gemm_options() -> list[dict]:
@@ -75,9 +75,70 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.co
     return pid_m, pid_n
 
 
+@triton.jit
+def _lora_epilogue(
+    acc,
+    offs_m,
+    offs_n,
+    pid_n,
+    xa_ptr,
+    stride_xas,
+    stride_xam,
+    xa_out_ptr,
+    b_ptr,
+    stride_bn,
+    stride_br,
+    bias_ptr,
+    y_ptr,
+    stride_ym,
+    stride_yn,
+    M,
+    N,
+    R,
+    scaling,
+    HAS_BIAS: tl.constexpr,
+    XA_SPLITS: tl.constexpr,
+    DTYPE: tl.constexpr,
+    PREC: tl.constexpr,
+    F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """``y = acc + s·(xa·Bᵀ) (+ bias)``: the LoRA term as r extra K-steps of the fp32 tile ``acc``.
+    ``xa`` is read as ``[M, r]`` (``XA_SPLITS == 0``) or summed from fp32 split-K partials, rounded to
+    the activation dtype (as the reference's x·Aᵀ) and written to ``xa_out`` by the ``pid_n == 0`` tiles."""
+    offs_r = tl.arange(0, BLOCK_R)  # [BR]
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    if XA_SPLITS == 0:
+        xa = tl.load(
+            xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
+        )
+    else:
+        xa32 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # [BM, BR]
+        for s in tl.static_range(XA_SPLITS):
+            part = xa_ptr + s * stride_xas + offs_m[:, None] * BLOCK_R + offs_r[None, :]
+            xa32 += tl.load(part, mask=m_ok[:, None], other=0.0)
+        xa = cast(xa32, DTYPE)
+        if pid_n == 0:
+            tl.store(xa_out_ptr + offs_m[:, None] * R + offs_r[None, :], xa, mask=m_ok[:, None] & r_ok[None, :])
+    b = tl.load(
+        b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+        mask=(offs_n[:, None] < N) & r_ok[None, :],
+        other=0.0,
+    )  # [BN, BR]
+    lora = mma(xa, tl.trans(b), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC, F32)
+    acc += lora * scaling
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, cast(acc, DTYPE), mask=m_ok[:, None] & (offs_n[None, :] < N))
+
+
 @triton.autotune(
     configs=make_configs("lora_fwd", _gemm_options(), _INTERP),
-    key=["M_BUCKET", "N", "K", "BLOCK_R", "QUANT", "NESTED", "DTYPE"],
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "QUANT", "NESTED", "DTYPE", "SPLIT"],
     prune_configs_by={"early_config_prune": prune_by_m},
 )
 @triton.jit
@@ -104,10 +165,12 @@ def _lora_fwd_kernel(
     y_ptr,
     stride_ym,
     stride_yn,
+    part_ptr,
     M,
     N,
     K,
     R,
+    K_SPLIT,
     scaling,
     M_BUCKET,
     QUANT: tl.constexpr,
@@ -119,6 +182,7 @@ def _lora_fwd_kernel(
     K_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     XA_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     DTYPE: tl.constexpr,
     PREC: tl.constexpr,
     F32: tl.constexpr,
@@ -128,15 +192,19 @@ def _lora_fwd_kernel(
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # SPLIT: program (tile, s) reduces K over [s·K_SPLIT, (s+1)·K_SPLIT) and stores an fp32 partial
+    # part[s, M, N]; _lora_fwd_finalize_kernel adds the partials, the LoRA term and the bias.
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    offs_r = tl.arange(0, BLOCK_R)  # [BR]
     m_ok = offs_m < M
     row_x = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # [BM, 1]
+    k_lo = pid_s * K_SPLIT
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BM, BN]
-    for k0 in range(0, K, BLOCK_K):
+    for kk in range(0, K_SPLIT, BLOCK_K):
+        k0 = k_lo + kk
         offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         x = tl.load(row_x + offs_k[None, :] * stride_xk, mask=m_ok[:, None] & (offs_k[None, :] < K), other=0.0)
         w = load_w_tile(
@@ -166,31 +234,106 @@ def _lora_fwd_kernel(
         )  # [BN, BK]
         acc = mma(x, tl.trans(w), acc, PREC, F32)
 
-    # LoRA: r extra K-steps over [xa | B], fp32, same accumulator tile.
-    r_ok = offs_r < R
-    if XA_SPLITS == 0:
-        xa = tl.load(
-            xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0
-        )
+    if SPLIT:
+        ptrs = part_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
+        tl.store(ptrs, acc, mask=m_ok[:, None] & (offs_n[None, :] < N))
     else:
-        xa32 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # [BM, BR] sum of the split-K partials
-        for s in tl.static_range(XA_SPLITS):
-            part = xa_ptr + s * stride_xas + offs_m[:, None] * BLOCK_R + offs_r[None, :]
-            xa32 += tl.load(part, mask=m_ok[:, None], other=0.0)
-        xa = cast(xa32, DTYPE)  # rounded as the reference's x·Aᵀ
-        if pid_n == 0:
-            tl.store(xa_out_ptr + offs_m[:, None] * R + offs_r[None, :], xa, mask=m_ok[:, None] & r_ok[None, :])
-    b = tl.load(
-        b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-        mask=(offs_n[:, None] < N) & r_ok[None, :],
-        other=0.0,
-    )  # [BN, BR]
-    lora = mma(xa, tl.trans(b), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC, F32)
-    acc += lora * scaling
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, cast(acc, DTYPE), mask=m_ok[:, None] & (offs_n[None, :] < N))
+        _lora_epilogue(
+            acc,
+            offs_m,
+            offs_n,
+            pid_n,
+            xa_ptr,
+            stride_xas,
+            stride_xam,
+            xa_out_ptr,
+            b_ptr,
+            stride_bn,
+            stride_br,
+            bias_ptr,
+            y_ptr,
+            stride_ym,
+            stride_yn,
+            M,
+            N,
+            R,
+            scaling,
+            HAS_BIAS,
+            XA_SPLITS,
+            DTYPE,
+            PREC,
+            F32,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_R,
+        )
+
+
+@triton.jit
+def _lora_fwd_finalize_kernel(
+    part_ptr,
+    xa_ptr,
+    stride_xas,
+    stride_xam,
+    xa_out_ptr,
+    b_ptr,
+    stride_bn,
+    stride_br,
+    bias_ptr,
+    y_ptr,
+    stride_ym,
+    stride_yn,
+    M,
+    N,
+    R,
+    scaling,
+    SPLITS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    XA_SPLITS: tl.constexpr,
+    DTYPE: tl.constexpr,
+    PREC: tl.constexpr,
+    F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # [BM, BN] sum of the split-K partials
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(part_ptr + s * M * N + offs_m[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+    _lora_epilogue(
+        acc,
+        offs_m,
+        offs_n,
+        pid_n,
+        xa_ptr,
+        stride_xas,
+        stride_xam,
+        xa_out_ptr,
+        b_ptr,
+        stride_bn,
+        stride_br,
+        bias_ptr,
+        y_ptr,
+        stride_ym,
+        stride_yn,
+        M,
+        N,
+        R,
+        scaling,
+        HAS_BIAS,
+        XA_SPLITS,
+        DTYPE,
+        PREC,
+        F32,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_R,
+    )
 
 
 @triton.autotune(
@@ -304,6 +447,16 @@ def _common_consts(x: torch.Tensor) -> dict:
     return dict(DTYPE=tl_dtype(x.dtype), PREC=dot_precision(x.dtype), F32=interpreting())
 
 
+def fwd_splits(m: int, k: int) -> int:
+    """Split-K factor of the fused forward: with few rows one program per output tile leaves most of
+    the GPU idle (M = 16, N = 4096, BLOCK_N = 64: 64 programs for 132 SMs), so K is split."""
+    if m > 32:
+        return 1
+    if interpreting():
+        return 2 if k >= 128 else 1
+    return max(1, min(16, k // 512))
+
+
 def lora_fwd_fused(
     x: torch.Tensor,
     w: torch.Tensor | Packed4bit,
@@ -314,9 +467,10 @@ def lora_fwd_fused(
     *,
     xa_splits: int = 0,
     xa_out: torch.Tensor | None = None,
+    splits: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y = x·W0ᵀ + s·(xa·Bᵀ) (+ bias)`` in one kernel.
+    """``y = x·W0ᵀ + s·(xa·Bᵀ) (+ bias)``; the LoRA term accumulates in the base product's fp32 tile.
 
     Args:
         x: ``[M, K]`` (any strides), bf16/fp16/fp32.
@@ -326,6 +480,8 @@ def lora_fwd_fused(
             fp32 split-K partials ``[xa_splits, M, BLOCK_R]`` from ``lora_down`` -- the kernel sums
             them, rounds to x's dtype and writes the result to ``xa_out`` (``[M, r]``, contiguous).
         bias: ``[N]`` or None.
+        splits: split-K factor (default :func:`fwd_splits`). Above 1 the GEMM writes fp32 partials
+            and a small second kernel adds them with the LoRA term and the bias.
     """
     m, k = x.shape
     n, kw = weight_shape(w)
@@ -341,19 +497,29 @@ def lora_fwd_fused(
         assert xa.stride(1) == 1
         xa_strides = (0, xa.stride(0))
         xa_out = xa
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    splits = fwd_splits(m, k) if splits is None else splits
+    k_split = triton.cdiv(triton.cdiv(k, splits), 128) * 128  # a multiple of every BLOCK_K
+    splits = triton.cdiv(k, k_split)
+    part = torch.empty((splits, m, n), dtype=torch.float32, device=x.device) if splits > 1 else out
+    consts = dict(HAS_BIAS=bias is not None, XA_SPLITS=xa_splits, BLOCK_R=next_pow2(r), **_common_consts(x))
+    bias_arg = bias if bias is not None else x
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), splits)
+
     _lora_fwd_kernel[grid](
-        x, x.stride(0), x.stride(1),
-        *wargs,
-        xa, *xa_strides,
-        xa_out,
-        lora_B, lora_B.stride(0), lora_B.stride(1),
-        bias if bias is not None else x,
-        out, out.stride(0), out.stride(1),
-        m, n, k, r, float(scaling), m_bucket(m),
-        HAS_BIAS=bias is not None, XA_SPLITS=xa_splits, BLOCK_R=next_pow2(r),
-        enable_fp_fusion=False, **wconst, **_common_consts(x),
+        x, x.stride(0), x.stride(1), *wargs, xa, *xa_strides, xa_out,
+        lora_B, lora_B.stride(0), lora_B.stride(1), bias_arg, out, out.stride(0), out.stride(1), part,
+        m, n, k, r, k_split, float(scaling), m_bucket(m),
+        SPLIT=splits > 1, enable_fp_fusion=False, **wconst, **consts,
     )  # fmt: skip
+    if splits > 1:
+        bm, bn = 16, 64 if interpreting() else 128
+        _lora_fwd_finalize_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+            part, xa, *xa_strides, xa_out, lora_B, lora_B.stride(0), lora_B.stride(1), bias_arg,
+            out, out.stride(0), out.stride(1), m, n, r, float(scaling),
+            SPLITS=splits, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, **consts,
+        )  # fmt: skip
     return out
 
 

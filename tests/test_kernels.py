@@ -183,6 +183,30 @@ def test_op_large_feature_dims(impl, poison_empty):
         _check(impl, (1000,), 4104, 72, 16, "nf4-nested")
 
 
+@pytest.mark.parametrize("kind", ["dense", "nf4-nested"])
+def test_fused_forward_split_k(kind, poison_empty):
+    """The small-M forward split over K (fp32 partials + finalize kernel), with split-K x·Aᵀ partials."""
+    from fastlora.kernels import lora_down, lora_fwd_fused
+
+    m, k, n, r = 5, 392, 72, 8
+    base = _base(n, k, kind, torch.bfloat16)
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    A = (torch.randn(r, k, device=DEV) / 20).to(torch.bfloat16)
+    B = torch.randn(n, r, device=DEV, dtype=torch.bfloat16)
+    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
+    dy = torch.zeros(m, n, device=DEV)
+    ty = _truth(x, base, A, B, 0.5, bias, dy)[0]
+    from fastlora.ops.fused import _weight_of
+
+    w = _weight_of(base)
+    for splits in (1, 3):
+        part, _ = lora_down(x, A, splits=2)
+        xa = torch.empty(m, r, device=DEV, dtype=torch.bfloat16)
+        y = lora_fwd_fused(x, w, B, 0.5, part, bias, xa_splits=part.shape[0], xa_out=xa, splits=splits)
+        assert relerr(y, ty) < 1e-2
+        assert relerr(xa, x.double() @ A.double().t()) < 1e-2
+
+
 def test_noncontiguous_x_and_conv1d_style_base(poison_empty):
     """x a transposed view; W0 a transposed view (as transformers' Conv1D weight gives)."""
     for impl in IMPLS:
@@ -377,9 +401,12 @@ def test_gpu_torch_compile_fullgraph_and_cuda_graph():
     for path in ("fused", "cublas"):
         fused.set_path(path)
         static_x = x.detach().clone().requires_grad_()
-        for _ in range(2):  # warm-up (autotuning) outside capture
-            torch.autograd.grad(f(static_x, A, B), (static_x, A, B))
-        torch.cuda.synchronize()
+        side = torch.cuda.Stream()  # warm-up (autotuning) on a side stream, as torch.cuda.graphs asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                torch.autograd.grad(f(static_x, A, B), (static_x, A, B))
+        torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             loss = f(static_x, A, B)

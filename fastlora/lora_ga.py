@@ -44,6 +44,7 @@ from .patching import register_method
 __all__ = [
     "DIRECTIONS",
     "SCALES",
+    "factors_from_singular",
     "lora_ga_factors",
     "randomized_svd",
     "scale_factor",
@@ -183,12 +184,36 @@ def lora_ga_factors(
     if 2 * r > min(m, n):
         raise ValueError(f"fastlora: LoRA-GA needs 2r <= min(out, in); r={r} does not fit a {m}x{n} layer")
     U, _, Vh = top_singular(G, 2 * r, method=svd, q=4 * r, niter=4, generator=generator)
+    return factors_from_singular(
+        U, Vh, r, scaling=scaling, direction=direction, scale=scale, stable_gamma=stable_gamma, svd=svd,
+        weight=weight, generator=generator,
+    )  # fmt: skip
+
+
+def factors_from_singular(
+    U: torch.Tensor,
+    Vh: torch.Tensor,
+    r: int,
+    *,
+    scaling: float,
+    direction: str = "ArB2r",
+    scale: str = "stable",
+    stable_gamma: float = 16,
+    svd: str = "auto",
+    weight: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lora_ga_factors` from precomputed top-2r singular vectors ``U [out, ≥2r]``, ``Vh [≥2r, in]``
+    (e.g. a sketched estimate's, :mod:`fastlora.sketch`); ``svd`` is then only the weightS SVD's method."""
+    m = U.shape[0]
+    if U.shape[1] < 2 * r or Vh.shape[0] < 2 * r:
+        raise ValueError(f"fastlora: LoRA-GA needs the top 2r = {2 * r} singular vectors, got {U.shape[1]}")
     A, B = select_directions(U, Vh, r, direction, generator)
     s_w = None
     if scale == "weightS":
         if weight is None:
             raise ValueError("fastlora: scale='weightS' needs the base weight")
-        _, s_w, _ = top_singular(weight.to(G.dtype), r, method=svd, q=4 * r, niter=4, generator=generator)
+        _, s_w, _ = top_singular(weight.to(U.dtype), r, method=svd, q=4 * r, niter=4, generator=generator)
     c = scale_factor(scale, d_out=m, scaling=scaling, stable_gamma=stable_gamma, weight_singular_values=s_w, r=r)
     return (A * c).contiguous(), (B * c).contiguous()
 
@@ -236,12 +261,14 @@ def init_lora_ga(
     direction: str = "ArB2r",
     scale: str = "stable",
     stable_gamma: float = 16,
-    grads: Mapping[str, torch.Tensor] | None = None,
+    grads: Mapping[str, Any] | None = None,
     offload: str | None = None,
     svd: str = "auto",
     offset: str = "auto",
     seed: int = 0,
     progress: bool = True,
+    sketch: int | str | None = None,
+    passes: int = 1,
 ) -> None:
     """The ``method="lora_ga"`` init of :func:`fastlora.patch` (keyword arguments of ``patch``).
 
@@ -254,8 +281,9 @@ def init_lora_ga(
         direction: ``"ArB2r"`` (default), ``"A2rBr"``, ``"ArBr"`` or ``"random"``.
         scale: ``"stable"`` (default), ``"gd"``, ``"unit"`` or ``"weightS"``.
         stable_gamma: gamma of the stable scale (default 16).
-        grads: a precomputed estimate (``{name: [out, in]}``, e.g. a :class:`GradientEstimate`) for
-            every target layer; then ``data`` is not used.
+        grads: a precomputed estimate (``{name: [out, in]}``, e.g. a :class:`GradientEstimate`, or a
+            sketched one, ``estimate_gradient(..., sketch=k)``) for every target layer; then ``data`` is
+            not used.
         offload: passed to :func:`fastlora.estimate_gradient` (``None``, ``"cpu"``, ``"blocks"``).
         svd: ``"auto"`` (randomized, q = 4r and 4 power iterations as the reference, where that is
             smaller than the matrix), ``"exact"`` or ``"randomized"``.
@@ -263,6 +291,10 @@ def init_lora_ga(
             term for a 4-bit W0), ``"base"`` (always in place; refused for 4-bit) or ``"frozen"``.
         seed: seed of the randomized SVD and of ``direction="random"`` (the same on every rank).
         progress: progress bars.
+        sketch: ``None`` (dense estimate), or estimate only the top singular vectors from randomized
+            sketches of width ``k`` (an int, or ``"auto"``: ``fastlora.sketch.auto_sketch_size(r)``),
+            in ``O((out+in)·k)`` memory per layer instead of ``out·in`` (:mod:`fastlora.sketch`).
+        passes: with ``sketch``: 1, or 2 (a second pass over ``data`` for one power iteration).
     """
     _check_choice("direction", direction, DIRECTIONS)
     _check_choice("scale", scale, SCALES)
@@ -288,9 +320,17 @@ def init_lora_ga(
                 "fastlora.patch(method='lora_ga') needs data= (an iterable of batches for the gradient estimate) "
                 "or grads= (a precomputed fastlora.estimate_gradient result)"
             )
-        grads = estimate_gradient(
-            model, data, iters=iters, loss_fn=loss_fn, offload=offload, progress=progress, targets=layers
-        )
+        if sketch is not None:
+            from .sketch import estimate_sketched
+
+            grads = estimate_sketched(
+                model, data, sketch=sketch, passes=passes, seed=seed, iters=iters, loss_fn=loss_fn,
+                offload=offload, progress=progress, targets=layers, for_lora_ga=True,
+            )  # fmt: skip
+        else:
+            grads = estimate_gradient(
+                model, data, iters=iters, loss_fn=loss_fn, offload=offload, progress=progress, targets=layers
+            )
     else:
         missing = [n for n in layers if n not in grads]
         if missing:
@@ -321,10 +361,17 @@ def init_lora_ga(
         gen = torch.Generator(device=dev)
         gen.manual_seed(seed * 1_000_003 + i)  # per layer, identical on every rank
         weight = layer.dense_base_weight(torch.float32).to(dev) if scale == "weightS" else None
-        A, B = lora_ga_factors(
-            G.to(dev, torch.float32), layer.r, scaling=layer.scaling, direction=direction, scale=scale,
-            stable_gamma=stable_gamma, svd=svd, weight=weight, generator=gen,
-        )  # fmt: skip
+        if isinstance(G, torch.Tensor):
+            A, B = lora_ga_factors(
+                G.to(dev, torch.float32), layer.r, scaling=layer.scaling, direction=direction, scale=scale,
+                stable_gamma=stable_gamma, svd=svd, weight=weight, generator=gen,
+            )  # fmt: skip
+        else:  # a sketched estimate's factors (fastlora.sketch.LowRankGradient): no SVD of G needed
+            U, Vh = G.U[:, : 2 * layer.r].to(dev, torch.float32), G.Vh[: 2 * layer.r].to(dev, torch.float32)
+            A, B = factors_from_singular(
+                U, Vh, layer.r, scaling=layer.scaling, direction=direction, scale=scale,
+                stable_gamma=stable_gamma, svd=svd, weight=weight, generator=gen,
+            )  # fmt: skip
         factors[name] = (A.to(layer.lora_A.device), B.to(layer.lora_B.device))
     for name, layer in layers.items():
         A, B = factors[name]

@@ -1,0 +1,314 @@
+"""Sketched gradient estimation (fastlora.sketch): exact sketches, exact low-rank reconstruction,
+accuracy on real gradients, distributed sums, and patch(method="lora_ga", sketch=...) end to end.
+
+All on the CPU with tiny models built from configs. The accuracy numbers on larger models and the
+choice of the default width are in bench/sketch_accuracy.py and bench/NOTES.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import quantize_model_bnb, relerr, tiny_llama
+
+import fastlora
+import fastlora.sketch as sk
+from fastlora.estimate import _default_targets
+from fastlora.sketch import LowRankGradient, SketchAccumulator, SketchedGradient, auto_sketch_size, mm_wide
+
+
+def _batches(n: int, batch: int = 2, seq: int = 16, vocab: int = 96, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def _shapes(model) -> tuple[dict, dict]:
+    targets = _default_targets(model, "all-linear", None)
+    return targets, {n: (m.out_features, m.in_features) for n, m in targets.items()}
+
+
+def _min_cos(U1: torch.Tensor, U2: torch.Tensor) -> float:
+    """cos of the largest principal angle between the column spaces of U1 and U2."""
+    return float(torch.linalg.svdvals(U1.double().t() @ U2.double()).min())
+
+
+def _captured(G: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor) -> float:
+    """‖Uᵀ·G‖² + ‖G·V‖², the gradient energy a LoRA-GA init on (U, V) steps along."""
+    G = G.double()
+    return float((U.double().t() @ G).norm() ** 2 + (G @ Vh.double().t()).norm() ** 2)
+
+
+def _alignment(model, grads) -> float:
+    """First-step alignment in closed form (see bench/sketch_accuracy.py): at the init one SGD step
+    changes the effective weight by −lr·s²·(B·Bᵀ·G + G·Aᵀ·A); its cosine with −G, all layers."""
+    steps, fulls = [], []
+    with torch.no_grad():
+        for name, layer in fastlora.lora_layers(model).items():
+            G, A, B = grads[name].double(), layer.lora_A.double(), layer.lora_B.double()
+            steps.append((B @ (B.t() @ G) + (G @ A.t()) @ A).flatten())
+            fulls.append(G.flatten())
+    return float(torch.nn.functional.cosine_similarity(torch.cat(steps), torch.cat(fulls), dim=0))
+
+
+# -- the sketch itself ----------------------------------------------------------------------------------------
+
+
+def test_sketch_equals_explicit_products_fp64():
+    """Y = A·Ω and W = Ψ·A of the summed gradient, with A = G or Gᵀ (the wider side gets the k side)."""
+    model = tiny_llama().double()
+    data = _batches(3)
+    targets, shapes = _shapes(model)
+    dense = fastlora.estimate_gradient(model, data, progress=False, targets=targets)
+    acc = SketchAccumulator(shapes, 6, seed=3, dtype=torch.float64, reconstruct=False)
+    fastlora.estimate_gradient(model, data, progress=False, targets=targets, accumulator=acc)
+    assert acc.updates == dict.fromkeys(shapes, 3)
+    state = acc.state()
+    seen_transposed = set()
+    for name in shapes:
+        omega, psi, transposed = acc.test_matrices(name)
+        seen_transposed.add(transposed)
+        G_sum = dense[name] * dense.num_batches
+        A = G_sum.t() if transposed else G_sum
+        assert A.shape[0] >= A.shape[1]  # the co-range (wider) sketch is on the smaller side
+        k, k_co = acc.sizes[name]
+        assert (k, k_co) == (6, 13)  # l = 2k + 1
+        assert relerr(state[f"{name}\0Y"], A @ omega.double()) < 1e-12, name
+        assert relerr(state[f"{name}\0W"], psi.double() @ A) < 1e-12, name
+    assert seen_transposed == {False, True}  # down_proj (in > out) is sketched as Gᵀ
+
+
+def test_test_matrices_shared_deterministic_and_exact_in_half_precision():
+    a = sk.test_matrix(0, "omega", 40, 8)
+    assert torch.equal(a, sk.test_matrix(0, "omega", 40, 8))
+    assert not torch.equal(a, sk.test_matrix(1, "omega", 40, 8))
+    for dt in (torch.bfloat16, torch.float16):
+        assert torch.equal(a.to(dt).float(), a)  # the very values the reconstruction uses
+    assert 0.9 < float(a.std()) < 1.1
+
+
+def test_mm_wide_half_times_fp32_keeps_fp32_precision(monkeypatch):
+    """The hi/lo split: bf16 activations times an fp32 operand, as the GPU path runs it."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 40).bfloat16()
+    w = torch.randn(40, 7)
+    truth = x.double() @ w.double()
+    real_mm = torch.mm
+
+    def mm(a, b, *, out_dtype=None):  # CPU stand-in for CUDA's mm(..., out_dtype=fp32): exact products
+        assert out_dtype is None or (a.dtype == b.dtype == torch.bfloat16 and out_dtype == torch.float32)
+        return real_mm(a.float(), b.float()) if out_dtype is not None else real_mm(a, b)
+
+    monkeypatch.setattr(sk, "_mm_out_dtype_ok", lambda device, dtype: True)
+    monkeypatch.setattr(torch, "mm", mm)
+    for out in (mm_wide(x, w), mm_wide(w.t(), x.t()).t()):  # the wide operand on either side
+        assert out.dtype == torch.float32
+        assert relerr(out, truth) < 2e-5  # one bf16 rounding of w would give ~3e-3
+    assert relerr(mm_wide(x, w.bfloat16()), x.double() @ w.bfloat16().double()) < 1e-6
+    monkeypatch.undo()
+    assert relerr(mm_wide(x, w), truth) < 1e-6  # CPU: plain upcast
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_reconstruction_exact_for_low_rank_gradient(transposed):
+    """An exactly rank-5 G (5 tokens) is recovered exactly by a width-8 single-pass sketch."""
+    m, n = (40, 70) if transposed else (70, 40)
+    torch.manual_seed(0)
+    x, dy = torch.randn(5, n, dtype=torch.float64), torch.randn(5, m, dtype=torch.float64)
+    acc = SketchAccumulator({"l": (m, n)}, 8, dtype=torch.float64)
+    acc.add("l", x[:2], dy[:2])  # two batches: the sum is what is sketched
+    acc.add("l", x[2:], dy[2:])
+    assert acc.layers["l"].transposed == transposed
+    f = acc.result(2)["l"]
+    G = dy.t() @ x / 2
+    assert f.shape == (m, n) and f.U.shape == (m, 8) and f.Vh.shape == (8, n)
+    assert relerr(f.dense(), G) < 1e-10
+    U, S, Vh = torch.linalg.svd(G, full_matrices=False)
+    torch.testing.assert_close(f.S[:5], S[:5], rtol=1e-10, atol=1e-12)
+    assert _min_cos(f.U[:, :5], U[:, :5]) > 1 - 1e-10 and _min_cos(f.Vh[:5].t(), Vh[:5].t()) > 1 - 1e-10
+    torch.testing.assert_close(f.U.t() @ f.U, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+def test_full_width_sketch_is_exact_and_two_pass_too():
+    """k = min(out, in): the sketch spans everything, so both passes reproduce G exactly."""
+    model = tiny_llama().double()
+    data = _batches(2)
+    dense = fastlora.estimate_gradient(model, data, progress=False)
+    for passes in (1, 2):
+        est = fastlora.estimate_gradient(model, data, progress=False, sketch=128, passes=passes)
+        assert isinstance(est, SketchedGradient) and est.passes == passes and est.num_batches == 2
+        for name in dense:
+            assert relerr(est[name].dense(), dense[name]) < 1e-9, (passes, name)
+
+
+# -- accuracy on a real gradient ---------------------------------------------------------------------------------
+
+
+def test_sketched_subspaces_and_alignment_on_real_gradient():
+    """tests/helpers' tiny Llama at random init on random tokens: flat spectra (the top 2r = 8 hold
+    only ~40-70% of the gradient's energy), the hardest case of bench/sketch_accuracy.py."""
+    base = tiny_llama()
+    data = _batches(16)
+    r = 4
+    model = fastlora.patch(copy.deepcopy(base), r=r, alpha=2 * r)
+    dense = fastlora.estimate_gradient(model, data, progress=False)
+    one = fastlora.estimate_gradient(model, data, progress=False, sketch="auto")
+    two = fastlora.estimate_gradient(model, data, progress=False, sketch="auto", passes=2)
+    assert set(one) == set(dense) == set(two)
+    assert one.sizes["model.layers.0.mlp.up_proj"] == (auto_sketch_size(r), 2 * 24 + 1) and auto_sketch_size(r) == 24
+    for name, G in dense.items():
+        U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+        best = _captured(G, U[:, : 2 * r], Vh[: 2 * r])
+        # the gradient energy LoRA-GA's directions step along, relative to the exact top-2r's
+        assert _captured(G, one[name].U[:, : 2 * r], one[name].Vh[: 2 * r]) > 0.6 * best, name
+        assert _captured(G, two[name].U[:, : 2 * r], two[name].Vh[: 2 * r]) > 0.97 * best, name
+        # a power iteration aligns the subspaces: overlap ‖UₛᵀUₑ‖²/2r, and the top singular value
+        assert float((two[name].U[:, : 2 * r].double().t() @ U[:, : 2 * r]).norm() ** 2 / (2 * r)) > 0.9, name
+        torch.testing.assert_close(two[name].S[0].double(), S[0], rtol=0.05, atol=0)
+    cos = {}
+    for label, grads in (("exact", dense), ("one", one), ("two", two)):
+        ga = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=r, alpha=2 * r, grads=grads, svd="exact")
+        cos[label] = _alignment(ga, dense)
+    assert cos["exact"] > 0.85, cos
+    assert cos["one"] > cos["exact"] - 0.02, cos  # the accuracy contract of sketch="auto"
+    assert cos["two"] > cos["exact"] - 0.005, cos
+
+
+# -- distributed ---------------------------------------------------------------------------------------------------
+
+_DIST_WORKER = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist
+    import fastlora
+    from helpers import tiny_llama
+    rank, world, out = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), sys.argv[1]
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(5):
+        ids = torch.randint(0, 96, (2, 16), generator=g)
+        data.append({"input_ids": ids, "labels": ids})
+    model = tiny_llama()
+    mine = data[rank::world]  # uneven on purpose: 3 batches and 2
+    res = {}
+    for passes in (1, 2):
+        est = fastlora.estimate_gradient(model, mine, sketch=12, passes=passes, progress=False)
+        res[passes] = {"n": est.num_batches, "f": {k: tuple(v) for k, v in est.items()}}
+    if rank == 0:
+        torch.save({"res": res, "data": data}, out)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_distributed_two_gloo_ranks_equal_one_process_on_union(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_DIST_WORKER)
+    out = tmp_path / "out.pt"
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, WORLD_SIZE="2", OMP_NUM_THREADS="1", PYTHONPATH=tests_dir)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(out), str(tmp_path / "rendezvous")],
+            env=dict(env, RANK=str(rank)),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in range(2)
+    ]
+    for p in procs:
+        log = p.communicate(timeout=150)[0].decode()
+        assert p.returncode == 0, log
+    saved = torch.load(out, weights_only=False)
+    model = tiny_llama()
+    for passes in (1, 2):
+        single = fastlora.estimate_gradient(model, saved["data"], sketch=12, passes=passes, progress=False)
+        dist_res = saved["res"][passes]
+        assert dist_res["n"] == 5
+        for name, f in single.items():
+            got = LowRankGradient(*dist_res["f"][name])
+            # the same sketch of the same sum (up to summation order): the same factors
+            assert relerr(got.dense(), f.dense()) < 1e-4, (passes, name)
+            torch.testing.assert_close(got.S, f.S, rtol=1e-4, atol=1e-9)
+
+
+# -- patch(method="lora_ga", sketch=...) -------------------------------------------------------------------------
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
+@pytest.mark.parametrize("passes", [1, 2])
+def test_patch_lora_ga_sketched_end_to_end(quantized, passes):
+    base = tiny_llama()  # in_features 64 / 128: multiples of bnb's CPU dequant block
+    if quantized:
+        base = quantize_model_bnb(base)
+    data = _batches(4)
+    ids = torch.randint(0, 96, (2, 12))
+    r = 4
+    model = fastlora.patch(
+        copy.deepcopy(base), method="lora_ga", r=r, alpha=2 * r, data=data, sketch="auto", passes=passes,
+        progress=False,
+    )  # fmt: skip
+    layers = fastlora.lora_layers(model)
+    assert len(layers) == 14
+    c = None
+    for layer in layers.values():
+        assert layer.lora_A0 is not None and layer.offset_in_base != quantized
+        A, B = layer.lora_A.detach(), layer.lora_B.detach()
+        c = layer.out_features**0.25 / 4.0  # stable scale, gamma 16
+        torch.testing.assert_close(A @ A.t(), c**2 * torch.eye(r), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(B.t() @ B, c**2 * torch.eye(r), rtol=1e-4, atol=1e-4)
+    # the patched model starts equal to its base
+    torch.testing.assert_close(_logits(model, ids), _logits(base, ids), rtol=1e-5, atol=1e-5)
+    # and its first step is (nearly) as aligned with full fine-tuning as the exact init's
+    dense = fastlora.estimate_gradient(fastlora.patch(copy.deepcopy(base), r=r, alpha=2 * r), data, progress=False)
+    exact = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=r, alpha=2 * r, grads=dense, svd="exact")
+    assert _alignment(model, dense) > _alignment(exact, dense) - 0.02
+
+
+def test_sketched_init_matches_exact_when_sketch_is_full_width():
+    base = tiny_llama()
+    data = _batches(2)
+    r = 4
+    dense = fastlora.estimate_gradient(base, data, progress=False)
+    full = fastlora.estimate_gradient(base, data, progress=False, sketch=128)
+    a = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=r, alpha=2 * r, grads=dense, svd="exact")
+    b = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=r, alpha=2 * r, grads=full)
+    for (na, la), (nb, lb) in zip(fastlora.lora_layers(a).items(), fastlora.lora_layers(b).items()):
+        assert na == nb
+        # the same subspaces (singular vectors' signs may differ): equal projectors B·Bᵀ, Aᵀ·A
+        torch.testing.assert_close(lb.lora_B @ lb.lora_B.t(), la.lora_B @ la.lora_B.t(), rtol=0, atol=1e-4)
+        torch.testing.assert_close(lb.lora_A.t() @ lb.lora_A, la.lora_A.t() @ la.lora_A, rtol=0, atol=1e-4)
+
+
+def test_sketch_errors():
+    base = tiny_llama()
+    data = _batches(1)
+    with pytest.raises(ValueError, match="sketch='auto'"):
+        fastlora.estimate_gradient(base, data, sketch="auto", progress=False)  # unpatched: no rank to size from
+    with pytest.raises(ValueError, match="sketch must be"):
+        fastlora.estimate_gradient(base, data, sketch=0, progress=False)
+    with pytest.raises(ValueError, match="passes"):
+        fastlora.estimate_gradient(base, data, sketch=8, passes=3, progress=False)
+    with pytest.raises(ValueError, match="passes=2 is for sketch"):
+        fastlora.estimate_gradient(base, data, passes=2, progress=False)
+    with pytest.raises(ValueError, match="re-iterable"):
+        fastlora.estimate_gradient(base, iter(data), sketch=8, passes=2, progress=False)
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="top 2r"):
+        fastlora.patch(model, method="lora_ga", r=4, alpha=8, data=data, sketch=6, progress=False)
+    assert not fastlora.lora_layers(model)  # the failed patch left the model as it was

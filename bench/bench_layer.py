@@ -247,7 +247,8 @@ def graph_fwd(case: Case, sets: int = 8) -> dict:
         peft = [c.peft(quant) for c in cases]
         out[f"peft_{tag}"] = graph_ms([p[0] for p in peft])
         del peft
-        out[f"fl_{tag}_auto"] = graph_ms([c.fastlora(quant, "auto")[0] for c in cases])
+        for v in ("auto", "fused", "cublas-addmm"):
+            out[f"fl_{tag}_{v}"] = graph_ms([c.fastlora(quant, v)[0] for c in cases])
     del cases
     _empty_cache()
     return out

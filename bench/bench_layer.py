@@ -354,7 +354,7 @@ def ceilings(log):
     a = torch.empty(2**28, dtype=torch.float32, device="cuda")  # 1 GiB
     b = torch.empty_like(a)
     t = do_bench(lambda: b.copy_(a))
-    bw = 2 * a.numel() * 4 / t / 1e9  # GB/s, read + write
+    bw = 2 * a.numel() * 4 / (t * 1e-3) / 1e9  # GB/s, read + write (t in ms)
     x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     t2 = do_bench(lambda: x @ x)
     tf = 2 * 8192**3 / t2 / 1e9

@@ -618,3 +618,17 @@ def test_resume_from_saved_adapter_keeps_frozen_half(tmp_path, use_rslora):
     plain = fastlora.load_adapter(copy.deepcopy(base), tmp_path / "ckpt", keep_frozen=False)  # as PEFT
     assert all(layer.r == 8 and layer.lora_A0 is None for layer in fastlora.lora_layers(plain).values())
     torch.testing.assert_close(_logits(plain, ids), at_ckpt, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("offload", ["cpu", "blocks"])
+def test_patch_lora_ga_with_offload_end_to_end(offload):
+    base = tiny_llama(num_hidden_layers=3)
+    ids = torch.randint(0, 96, (2, 12))
+    data = _batches(2)
+    ref = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=data, svd="exact", progress=False)
+    model = fastlora.patch(
+        copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=data, svd="exact", offload=offload, progress=False
+    )
+    torch.testing.assert_close(_logits(model, ids), _logits(base, ids), rtol=1e-5, atol=1e-5)
+    for (n, a), (_, b) in zip(fastlora.lora_layers(model).items(), fastlora.lora_layers(ref).items()):
+        torch.testing.assert_close(a.lora_B @ a.lora_A, b.lora_B @ b.lora_A, rtol=1e-4, atol=1e-6, msg=n)

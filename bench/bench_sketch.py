@@ -1,0 +1,301 @@
+"""Sketched vs exact LoRA-GA on a Llama-3-8B-shaped NF4 model: peak GPU memory, time, alignment (GPU).
+
+One NF4 model (hidden 4096, intermediate 14336, 32 heads, 8 KV heads, vocab 128256; ``--layers``
+decoder layers, 32 by default) is built once; every arm patches it, runs, and unpatches it, so only
+one copy of the weights is ever on the GPU. Batches of ``--batch`` x ``--seq`` random tokens, r=16 on
+every decoder linear.
+
+* ``qlora-step``: QLoRA training steps (NF4, r=16, AdamW): the yardstick for peak memory and time.
+* ``sketch``: ``fastlora.estimate_gradient(model, data, sketch="auto")`` (k = 4r = 64, l = 129, one
+  pass, nothing offloaded); per-batch time from runs over 1 and ``--iters`` batches (the difference)
+  and the fixed cost (the reconstruction), peak memory; then the SVD+init from its factors.
+* ``sketch-2pass``: the same with ``passes=2``.
+* ``exact-cpu``: the dense estimate with fp32 accumulators in host memory (``offload="cpu"``, the
+  only way the 32-layer 8B model's 28 GiB of fp32 gradients fit), then the SVD+init from them
+  (randomized SVD, q = 4r, 4 power iterations, as the reference).
+* ``alignment``: the first-step alignment (closed form, see bench/sketch_accuracy.py) of the
+  sketched and the exact init against the exact averaged gradient of the same batches.
+
+Before that, a correctness check of the CUDA sketch path (bf16 activations, mm with fp32 output and
+the hi/lo split): a full-width sketch of a small bf16 model reproduces its dense estimate.
+
+    python bench/bench_sketch.py --json $OUT/sketch.json            # on a GPU
+    python bench/bench_sketch.py --tiny                             # CPU smoke run of the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import fastlora
+from fastlora.sketch import auto_sketch_size
+
+GIB = 1024**3
+_here = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("_train_step", _here / "train_step.py")
+_ts = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ts)  # llama8b_config, quantize_linears: the model of the other benchmarks
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fresh(device: torch.device) -> int:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return 0
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else 0.0
+
+
+def clock(device: torch.device, fn):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def make_batches(n: int, batch: int, seq: int, vocab: int, device: torch.device, seed: int = 1) -> list[dict]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def gpu_check(device: torch.device) -> dict:
+    """A full-width sketch on CUDA with bf16 activations reproduces the dense estimate."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = LlamaForCausalLM(cfg).to(device, torch.bfloat16).eval()
+    data = make_batches(3, 2, 128, 512, device)
+    dense = fastlora.estimate_gradient(model, data, progress=False)
+    out = {}
+    for passes in (1, 2):
+        sk = fastlora.estimate_gradient(model, data, progress=False, sketch=256, passes=passes)
+        worst = max(float((sk[n].dense() - dense[n]).norm() / dense[n].norm()) for n in dense)
+        out[f"full_width_relerr_passes{passes}"] = worst
+    return out
+
+
+def lora_factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {n: (lay.lora_A.detach().float().cpu(), lay.lora_B.detach().float().cpu())
+            for n, lay in fastlora.lora_layers(model).items()}  # fmt: skip
+
+
+@torch.no_grad()
+def alignment(factors: dict, grads, device: torch.device) -> tuple[float, float]:
+    """(all-layer cosine, worst layer's cosine) of −lr·s²·(B·Bᵀ·G + G·Aᵀ·A) with −G."""
+    dot = nd = ng = 0.0
+    worst = 1.0
+    for name, (A, B) in factors.items():
+        G = grads[name].to(device, torch.float32)
+        A, B = A.to(device), B.to(device)
+        d = B @ (B.t() @ G) + (G @ A.t()) @ A
+        dd, dn, gn = float((d * G).sum()), float(d.norm() ** 2), float(G.norm() ** 2)
+        dot, nd, ng = dot + dd, nd + dn, ng + gn
+        worst = min(worst, dd / max((dn * gn) ** 0.5, 1e-300))
+    return dot / max((nd * ng) ** 0.5, 1e-300), worst
+
+
+def run(args) -> dict:
+    from transformers import LlamaForCausalLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    res: dict = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke run)",
+        "torch": torch.__version__,
+        "layers": args.layers,
+        "tokens_per_batch": args.batch * args.seq,
+        "r": args.r,
+        "sketch_k": auto_sketch_size(args.r),
+        "iters": args.iters,
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "arms": {},
+    }
+    out_json = args.json
+
+    def save() -> None:
+        out_json.write_text(json.dumps(res, indent=1))
+
+    if device.type == "cuda":
+        res["gpu_check"] = gpu_check(device)
+        print("gpu check", json.dumps(res["gpu_check"]), flush=True)
+        fresh(device)
+
+    cfg = _ts.llama8b_config(args.layers, tiny=args.tiny)
+    torch.manual_seed(0)
+    t_build = time.perf_counter()
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = _ts.quantize_linears(model, device).eval()
+    model.requires_grad_(False)
+    res["build_s"] = time.perf_counter() - t_build
+    data = make_batches(1 + args.iters, args.batch, args.seq, cfg.vocab_size, device)
+    warm, timed = data[:1], data[1:]
+    r, alpha = args.r, 2 * args.r
+    base_mem = fresh(device)
+    res["model_gib"] = base_mem / GIB
+
+    def arm(label: str, fn) -> None:
+        fresh(device)
+        try:
+            res["arms"][label] = fn()
+        except Exception as exc:  # keep the other arms
+            res["arms"][label] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        finally:
+            if fastlora.lora_layers(model):
+                fastlora.unpatch(model)
+        print(label, json.dumps(res["arms"][label]), flush=True)
+        save()
+
+    def qlora() -> dict:
+        fastlora.patch(model, r=r, alpha=alpha)
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def steps(batches):
+            for b in batches:
+                model(**b).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+        steps(warm)
+        fresh(device)
+        sec, _ = clock(device, lambda: steps(timed))
+        model.eval()
+        return {"s_per_step": sec / len(timed), "peak_gib": peak_gib(device)}
+
+    arm("qlora-step", qlora)
+
+    factors: dict[str, dict] = {}  # the init's (A, B) per arm, for the alignment at the end
+
+    def sketch(passes: int) -> dict:
+        fastlora.patch(model, r=r, alpha=alpha)
+        est = lambda d: fastlora.estimate_gradient(model, d, sketch="auto", passes=passes, progress=False)  # noqa: E731
+        est(warm)
+        fresh(device)
+        t1, _ = clock(device, lambda: est(timed[:1]))
+        peak1 = peak_gib(device)
+        fresh(device)
+        tn, sk = clock(device, lambda: est(timed))
+        peak = max(peak1, peak_gib(device))
+        per_batch = (tn - t1) / max(len(timed) - 1, 1)
+        fastlora.unpatch(model)
+        fresh(device)
+        t_init, _ = clock(
+            device, lambda: fastlora.patch(model, method="lora_ga", r=r, alpha=alpha, grads=sk, progress=False)
+        )
+        factors[f"sketch{passes}"] = lora_factors(model)
+        sketch_gib = sum((f.U.numel() + f.Vh.numel()) * 4 for f in sk.values()) / GIB
+        return {
+            "s_per_batch": per_batch / passes,  # per pass over one batch
+            "s_fixed_reconstruction": t1 - per_batch,
+            "s_total": tn,
+            "s_init_from_factors": t_init,
+            "peak_gib": peak,
+            "factors_gib": sketch_gib,
+            "sizes_example": next(iter(sk.sizes.values())),
+        }
+
+    arm("sketch", lambda: sketch(1))
+    if not args.no_two_pass:
+        arm("sketch-2pass", lambda: sketch(2))
+
+    exact_est: dict = {}
+
+    def exact() -> dict:
+        fastlora.patch(model, r=r, alpha=alpha)
+        fresh(device)
+        sec, est = clock(device, lambda: fastlora.estimate_gradient(model, timed, offload="cpu", progress=False))
+        peak = peak_gib(device)
+        exact_est["g"] = est
+        fastlora.unpatch(model)
+        fresh(device)
+        t_init, _ = clock(
+            device, lambda: fastlora.patch(model, method="lora_ga", r=r, alpha=alpha, grads=est, progress=False)
+        )
+        init_peak = peak_gib(device)
+        factors["exact"] = lora_factors(model)
+        return {
+            "s_per_batch": sec / len(timed),
+            "s_total": sec,
+            "s_init_from_G": t_init,
+            "peak_gib": peak,
+            "init_peak_gib": init_peak,
+            "host_gib": sum(g.numel() * 4 for g in est.values()) / GIB,
+        }
+
+    if not args.no_exact:
+        arm("exact-cpu", exact)
+
+    if "g" in exact_est:
+        al = {}
+        for label, f in factors.items():
+            cos, worst = alignment(f, exact_est["g"], device)
+            al[label] = {"cos": cos, "worst_layer_cos": worst}
+        res["alignment"] = al
+        print("alignment", json.dumps(al), flush=True)
+    save()
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--r", type=int, default=16)
+    p.add_argument("--iters", type=int, default=3, help="timed batches per arm (plus one warm-up)")
+    p.add_argument("--no-exact", action="store_true")
+    p.add_argument("--no-two-pass", action="store_true")
+    p.add_argument("--json", type=Path, default=Path("sketch.json"))
+    p.add_argument("--tiny", action="store_true", help="a small model on the CPU: checks the script, not speed")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.seq, args.r, args.layers = min(args.seq, 64), min(args.r, 8), min(args.layers, 2)
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench/bench_sketch.py needs a CUDA GPU (or --tiny for a CPU smoke run)")
+    res = run(args)
+    arms = res["arms"]
+    q = arms.get("qlora-step", {})
+    print(f"\n{res['device']}: {res['layers']} layers of the Llama-3-8B shape in NF4, {res['tokens_per_batch']} "
+          f"tokens/batch, r={res['r']}, sketch k={res['sketch_k']}")  # fmt: skip
+    print(f"{'arm':14s} {'s/batch':>9s} {'fixed s':>8s} {'init s':>7s} {'peak GiB':>9s} {'mem ÷ qlora':>12s}")
+    for label, a in arms.items():
+        if "error" in a:
+            print(f"{label:14s} failed: {a['error'][:100]}")
+            continue
+        sb = a.get("s_per_batch", a.get("s_per_step", float("nan")))
+        fixed = a.get("s_fixed_reconstruction", float("nan"))
+        init = a.get("s_init_from_factors", a.get("s_init_from_G", float("nan")))
+        mr = a["peak_gib"] / q["peak_gib"] if q.get("peak_gib") else float("nan")
+        print(f"{label:14s} {sb:9.3f} {fixed:8.2f} {init:7.2f} {a['peak_gib']:9.2f} {mr:12.3f}")
+    for label, a in res.get("alignment", {}).items():
+        print(f"alignment {label:8s}: all layers {a['cos']:.4f}, worst layer {a['worst_layer_cos']:.4f}")
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -19,6 +19,7 @@ Storage (bitsandbytes 0.4x/0.5x, ``Params4bit`` + ``QuantState``):
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, replace
 from functools import cache
 
@@ -265,6 +266,20 @@ def from_bnb(module: torch.nn.Module) -> QuantizedWeight:
             "fastlora: this bitsandbytes Linear4bit holds no quant_state (it is quantised when moved to a "
             "device, e.g. model.to('cuda') or model.to('cpu')); move the model to its device before patching"
         )
+    if getattr(qs, "packing_format_for_cpu", False):
+        # bitsandbytes >= 0.49 repacks a Linear4bit into a CPU-only layout (bf16 scales, interleaved
+        # nibbles) the first time it runs in eval mode without grad on an AVX512-bf16 CPU. Its public
+        # state_dict() converts the layer back to the standard layout in place; the bf16 rounding of
+        # the scales cannot be undone, so the values now differ slightly from the original ones.
+        warnings.warn(
+            "fastlora: a bitsandbytes Linear4bit had been repacked into bitsandbytes' CPU inference layout by "
+            "an earlier eval-mode forward; converting it back (its scales were rounded to bf16 by bitsandbytes). "
+            "Patch the model before running it on the CPU to keep the original quantisation exactly.",
+            stacklevel=2,
+        )
+        module.state_dict()
+        weight = module.weight
+        qs = weight.quant_state
     shape = (int(qs.shape[0]), int(qs.shape[1]))
     packed = weight.data
     if packed.dtype != torch.uint8:

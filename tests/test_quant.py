@@ -113,3 +113,25 @@ def test_from_bnb_linear4bit(blocksize):
     assert torch.equal(dequantize(qw, torch.float32), F.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
     x = torch.randn(3, 256)
     torch.testing.assert_close(x @ dequantize(qw, torch.float32).t() + layer.bias, layer(x))
+
+
+def test_from_bnb_after_bnb_cpu_repack():
+    """bnb repacks a Linear4bit for its CPU kernel on an eval/no-grad forward; from_bnb undoes that."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(256, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 256), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu").eval()
+    w_before = dequantize(from_bnb(layer), torch.float32)
+    with torch.no_grad():
+        layer(torch.randn(2, 256, dtype=torch.bfloat16))
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        # This CPU has no AVX512-bf16: bnb kept the standard layout, and so must we.
+        assert torch.equal(dequantize(from_bnb(layer), torch.float32), w_before)
+        return
+    with pytest.warns(UserWarning, match="repacked"):
+        qw = from_bnb(layer)
+    assert not getattr(layer.weight.quant_state, "packing_format_for_cpu", False)
+    w_after = dequantize(qw, torch.float32)
+    assert torch.equal(w_after, F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float())
+    assert (w_after - w_before).norm() / w_before.norm() < 1e-2  # only bnb's bf16 rounding of the scales

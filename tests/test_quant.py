@@ -85,7 +85,7 @@ def test_quantizer_matches_bnb_storage(shape, quant_type, nested):
     # The 8-bit codes of the scales may differ near ties: bnb's CPU kernel sometimes takes the
     # farther of two codes, ours always the nearer. Never by more than one step, never worse.
     step = (ours.absmax.int() - qs.absmax.int()).abs()
-    assert step.max() <= 1 and (step > 0).float().mean() < 0.02
+    assert step.max() <= 1 and (step > 0).sum() <= max(1, 0.02 * step.numel())
     true_absmax = w.reshape(-1)[: (w.numel() // 64) * 64].reshape(-1, 64).abs().amax(1)
     n = true_absmax.numel()
     err_ours = (dequantize_absmax(ours)[:n] - true_absmax).abs()

@@ -381,13 +381,18 @@ def test_gpu_lora_contribution_fp32_large():
         assert relerr(dA, rA) < 1e-4 and relerr(dB, rB) < 1e-4, impl
 
 
-@pytest.mark.gpu
-def test_gpu_torch_compile_fullgraph_and_cuda_graph():
+def _graph_case():
     m, k, n, r = 64, 512, 768, 16
     base = quantize_4bit(torch.randn(n, k, device="cuda") / 16, blocksize=64)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     A = (torch.randn(r, k, device="cuda") / 16).to(torch.bfloat16).requires_grad_()
     B = torch.randn(n, r, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    return base, x, A, B
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    base, x, A, B = _graph_case()
 
     def f(x, A, B):
         return fused.lora_linear_fused(x, base, A, B, 0.5).float().square().sum()
@@ -398,27 +403,63 @@ def test_gpu_torch_compile_fullgraph_and_cuda_graph():
     gx = torch.autograd.grad(torch.compile(f, fullgraph=True)(x, A, B), x)[0]
     assert relerr(gx, torch.autograd.grad(f(x, A, B), x)[0]) < 1e-2
 
-    for path in ("fused", "cublas"):
-        fused.set_path(path)
-        static_x = x.detach().clone().requires_grad_()
-        side = torch.cuda.Stream()  # warm-up (autotuning) on a side stream, as torch.cuda.graphs asks
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                torch.autograd.grad(f(static_x, A, B), (static_x, A, B))
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            loss = f(static_x, A, B)
-            grads = torch.autograd.grad(loss, (static_x, A, B))
-        new = torch.randn_like(static_x)
-        static_x.data.copy_(new)
-        graph.replay()
-        torch.cuda.synchronize()
-        ref_loss = f(new, A, B)
-        ref_grads = torch.autograd.grad(ref_loss, (static_x, A, B))
-        assert relerr(loss, ref_loss) < 1e-3
-        assert all(relerr(a, b) < 1e-2 for a, b in zip(grads, ref_grads))
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", ["fused", "cublas"])
+def test_gpu_cuda_graph_capture_of_forward_and_backward(path):
+    """Both implementations capture into one CUDA graph (no host sync, no allocation outside the
+    graph pool) and replay correctly on new inputs."""
+    fused.set_path(path)
+    base, x, A, B = _graph_case()
+    w = fused._weight_of(base)
+    x, A, B = x.detach(), A.detach(), B.detach()
+    dy = torch.randn(x.shape[0], base.shape[0], device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        y, xa = fused.forward_impl(x, w, A, B, 0.5, None, 0.0, 0)
+        return (y, *fused.backward_impl(dy, x, w, A, B, xa, 0.5, 0.0, 0))
+
+    side = torch.cuda.Stream()  # warm-up (autotuning) outside the capture, on a side stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    x.copy_(torch.randn_like(x))
+    dy.copy_(torch.randn_like(dy))
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(outs, step()):
+        assert relerr(got, want) < 1e-3
+
+
+@pytest.mark.gpu
+def test_gpu_make_graphed_callables_autograd():
+    """The autograd op inside torch.cuda.make_graphed_callables (forward and backward graphs)."""
+    base, x, A, B = _graph_case()
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.A, self.B = torch.nn.Parameter(A.detach().clone()), torch.nn.Parameter(B.detach().clone())
+
+        def forward(self, x):
+            return fused.lora_linear_fused(x, base, self.A, self.B, 0.5)
+
+    eager, layer = Layer(), Layer()
+    graphed = torch.cuda.make_graphed_callables(layer, (x.detach().clone().requires_grad_(),))
+    xin = torch.randn_like(x).requires_grad_()
+    dy = torch.randn(x.shape[0], base.shape[0], device="cuda", dtype=torch.bfloat16)
+    y = graphed(xin)
+    y.backward(dy)
+    xe = xin.detach().clone().requires_grad_()
+    ye = eager(xe)
+    ye.backward(dy)
+    assert relerr(y, ye) < 1e-3 and relerr(xin.grad, xe.grad) < 1e-3
+    assert relerr(layer.A.grad, eager.A.grad) < 1e-3 and relerr(layer.B.grad, eager.B.grad) < 1e-3
 
 
 @pytest.mark.gpu

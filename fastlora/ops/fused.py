@@ -2,13 +2,14 @@
 
     y = x·W0ᵀ + s·(drop(x)·Aᵀ)·Bᵀ (+ bias)        W0 dense (bf16/fp16/fp32) or bitsandbytes NF4/FP4
 
-Two implementations, chosen per call by the row count M (``FASTLORA_PATH`` / :func:`set_path` force one):
+Two implementations (``FASTLORA_PATH`` / :func:`set_path` force one; ``auto`` takes ``fused`` for
+M <= ``FUSED_MAX_M``, 0 by default -- see the measurements in bench/NOTES.md):
 
-* ``fused`` (small M: decode, eval, short sequences) -- W0 is read once per output tile, a 4-bit W0
+* ``fused`` (meant for small M: decode, eval) -- W0 is read once per output tile, a 4-bit W0
   as packed bytes dequantised in registers; the LoRA term is extra K-steps of the same fp32
   accumulator. Forward = ``lora_down`` (x·Aᵀ, split over K) + ``lora_fwd_fused``; backward =
   ``lora_bwd_aux`` (one pass over dy for g = dy·B and dB, one over x for dA) + ``lora_dx_fused``.
-* ``cublas`` (large M: training) -- the base product is tensor-core bound, so it goes to cuBLAS.
+* ``cublas`` (the default) -- the base product goes to cuBLAS.
   A 4-bit W0 is dequantised by ``dequant_4bit`` into a scratch buffer (from torch's caching
   allocator, so the same block is reused call after call) that may also hold the LoRA factor:
   ``y = [x | s·xa | 0]·[W0 | B | 0]ᵀ`` is then a single GEMM whose
@@ -49,8 +50,10 @@ _PATHS = ("auto", "fused", "cublas")
 _MERGES = ("auto", "cat", "addmm")
 _path = os.environ.get("FASTLORA_PATH", "auto")
 _merge = os.environ.get("FASTLORA_MERGE", "auto")
-# Largest M that takes the fused path under "auto" (measured on an H100: bench/NOTES.md).
-FUSED_MAX_M = int(os.environ.get("FASTLORA_FUSED_MAX_M", "64"))
+# Largest M that takes the fused path under "auto". Measured on an H100 (bench/NOTES.md, CUDA-graph
+# forward at M = 16): dequantise + cuBLAS beat the in-register NF4 kernel 2-2.5x and tied or beat the
+# dense fused kernel, so "auto" uses the cuBLAS path everywhere; FASTLORA_FUSED_MAX_M re-enables it.
+FUSED_MAX_M = int(os.environ.get("FASTLORA_FUSED_MAX_M", "0"))
 
 
 def set_path(path: str = "auto", merge: str = "auto") -> None:

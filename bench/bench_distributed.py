@@ -51,6 +51,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from common import llama8b_config, quantize_linears  # noqa: E402
 
 GIB = 1024**3
 ARMS = ("single", "ddp", "fsdp2")
@@ -58,21 +59,6 @@ QUANTS = ("bf16", "nf4")
 
 
 # -- model -------------------------------------------------------------------------------------------
-
-
-def llama_config(layers: int, smoke: bool):
-    from transformers import LlamaConfig
-
-    if smoke:
-        return LlamaConfig(
-            vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-        )  # fmt: skip
-    return LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-        tie_word_embeddings=False,
-    )  # fmt: skip
 
 
 def build(args, quant: str, device: torch.device) -> torch.nn.Module:
@@ -87,23 +73,11 @@ def build(args, quant: str, device: torch.device) -> torch.nn.Module:
     torch.set_default_dtype(dtype)  # build in the final dtype: no fp32 copy of the base on the GPU
     try:
         with device:
-            model = LlamaForCausalLM(llama_config(args.layers, args.smoke))
+            model = LlamaForCausalLM(llama8b_config(args.layers, tiny=args.smoke))
     finally:
         torch.set_default_dtype(old)
     if quant == "nf4":
-        import bitsandbytes as bnb
-
-        head = model.get_output_embeddings()
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, torch.nn.Linear) or module is head:
-                continue
-            q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=dtype, compress_statistics=True, quant_type="nf4")  # fmt: skip
-            q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",
-                                         compress_statistics=True, blocksize=64, module=q)  # fmt: skip
-            q = q.to(device)  # quantises
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, q)
+        quantize_linears(model, device, compute_dtype=dtype)
     fastlora.patch(model, r=args.r, alpha=args.alpha)
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -152,7 +126,7 @@ def run_arm(args, arm: str, quant: str, device: torch.device) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     model = wrap(build(args, quant, device), arm, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    vocab = llama_config(args.layers, args.smoke).vocab_size
+    vocab = llama8b_config(args.layers, tiny=args.smoke).vocab_size
     gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own data
     batches = [torch.randint(0, vocab, (args.batch, args.seq), generator=gen).to(device) for _ in range(4)]
 

@@ -25,23 +25,19 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib.util
 import json
 import threading
 import time
 from pathlib import Path
 
 import torch
+from common import llama8b_config, quantize_linears
 
 import fastlora
 from fastlora.estimate import DenseAccumulator, HostAccumulator
 from fastlora.lora_ga import lora_ga_factors
 
 GIB = 1024**3
-_here = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("_train_step", _here / "train_step.py")
-_ts = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_ts)  # llama8b_config, quantize_linears: the same model as the training benchmark
 
 
 def sync(device: torch.device) -> None:
@@ -159,7 +155,7 @@ def run(args) -> dict:
     from transformers import LlamaForCausalLM
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    cfg = _ts.llama8b_config(args.layers, tiny=args.tiny)
+    cfg = llama8b_config(args.layers, tiny=args.tiny)
     torch.manual_seed(0)
     with torch.device(device):
         master = LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -226,7 +222,7 @@ def run(args) -> dict:
         )
 
     def nf4():
-        m = _ts.quantize_linears(copy.deepcopy(master), device)
+        m = quantize_linears(copy.deepcopy(master), device)
         return patched(on_device(m))
 
     arm("ours-nf4", nf4, ours(None))
@@ -261,7 +257,7 @@ def run(args) -> dict:
 
     # SVD + init of every layer of the full 8B shape (32 layers), randomized as the reference
     init_dev = device
-    cfg32 = _ts.llama8b_config(32, tiny=args.tiny)
+    cfg32 = llama8b_config(32, tiny=args.tiny)
     h, i_ = cfg32.hidden_size, cfg32.intermediate_size
     kv = cfg32.num_key_value_heads * (h // cfg32.num_attention_heads)
     layer_shapes = {

@@ -27,21 +27,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import torch
+from common import llama8b_config, quantize_linears
 
 import fastlora
 from fastlora.sketch import auto_sketch_size
 
 GIB = 1024**3
-_here = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("_train_step", _here / "train_step.py")
-_ts = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_ts)  # llama8b_config, quantize_linears: the model of the other benchmarks
 
 
 def sync(device: torch.device) -> None:
@@ -143,12 +139,12 @@ def run(args) -> dict:
         print("gpu check", json.dumps(res["gpu_check"]), flush=True)
         fresh(device)
 
-    cfg = _ts.llama8b_config(args.layers, tiny=args.tiny)
+    cfg = llama8b_config(args.layers, tiny=args.tiny)
     torch.manual_seed(0)
     t_build = time.perf_counter()
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model = _ts.quantize_linears(model, device).eval()
+    model = quantize_linears(model, device).eval()
     model.requires_grad_(False)
     res["build_s"] = time.perf_counter() - t_build
     data = make_batches(1 + args.iters, args.batch, args.seq, cfg.vocab_size, device)

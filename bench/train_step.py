@@ -25,43 +25,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import llama8b_config, quantize_linears
 
 import fastlora
 
 GIB = 1024**3
-
-
-def llama8b_config(layers: int, tiny: bool = False):
-    from transformers import LlamaConfig
-
-    if tiny:  # a smoke-test size that runs on a CPU
-        return LlamaConfig(
-            vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
-            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-        )  # fmt: skip
-    return LlamaConfig(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
-        tie_word_embeddings=False, torch_dtype=torch.bfloat16,
-    )  # fmt: skip
-
-
-def quantize_linears(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Replace every decoder nn.Linear by a bnb NF4 Linear4bit (double quant), quantised on ``device``."""
-    import bitsandbytes as bnb
-
-    head = model.get_output_embeddings()
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, torch.nn.Linear) or module is head:
-            continue
-        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                              compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")  # fmt: skip
-        q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",
-                                     compress_statistics=True, blocksize=64)  # fmt: skip
-        q = q.to(device)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, q)
-    return model
 
 
 def make_batches(n: int, batch: int, seq: int, vocab: int, seed: int, device: torch.device) -> list[torch.Tensor]:

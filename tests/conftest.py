@@ -24,7 +24,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def poison_empty(monkeypatch):
-    """Make torch.empty / empty_like return NaN-filled float tensors, so unwritten outputs fail."""
+    """torch.empty / empty_like return NaN-filled float tensors, so any output element a kernel
+    forgets to write shows up as NaN (and NaN never passes ``helpers.relerr``)."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
 
     def fill(t):

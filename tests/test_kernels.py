@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from helpers import relerr
 
 from fastlora.ops import fused
 from fastlora.ops.reference import lora_linear_reference
@@ -28,30 +29,6 @@ IMPLS = [("fused", "auto"), ("cublas", "cat"), ("cublas", "addmm")]
 def _reset_path():
     yield
     fused.set_path("auto", "auto")
-
-
-@pytest.fixture
-def poison_empty(monkeypatch):
-    """torch.empty / empty_like return NaN-filled float tensors here, so any output element a kernel
-    forgets to write shows up as NaN (and NaN never passes :func:`relerr`)."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
-
-
-def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64; any NaN/inf in ``out`` gives inf."""
-    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
-    if not torch.isfinite(out64).all():
-        return float("inf")
-    denom = ref64.norm().item()
-    return (out64 - ref64).norm().item() / (denom if denom > 0 else 1.0)
 
 
 def _seedless_randn(*shape, dtype=torch.float32, device=DEV, scale=1.0):

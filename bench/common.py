@@ -1,0 +1,48 @@
+"""The model every GPU benchmark uses: a Llama-3-8B-shaped config cut to L layers, and its NF4 copy.
+
+Imported by the scripts in bench/ (``python bench/<script>.py`` puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def llama8b_config(layers: int, tiny: bool = False):
+    """Llama-3-8B's shape (hidden 4096, intermediate 14336, 32 heads, 8 KV heads, vocab 128256) with
+    ``layers`` decoder layers; ``tiny=True`` gives a small model of the same structure for CPU smoke runs."""
+    from transformers import LlamaConfig
+
+    if tiny:
+        return LlamaConfig(
+            vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+        )  # fmt: skip
+    return LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+def quantize_linears(
+    model: torch.nn.Module, device: torch.device | str, compute_dtype: torch.dtype = torch.bfloat16
+) -> torch.nn.Module:
+    """Replace every nn.Linear except the LM head by a bnb NF4 ``Linear4bit`` (double quantisation,
+    blocksize 64), quantised by moving it to ``device``. In place; returns ``model``."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")  # fmt: skip
+        q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True, blocksize=64, module=q)  # fmt: skip
+        if module.bias is not None:
+            q.bias = torch.nn.Parameter(module.bias.data, requires_grad=False)
+        q = q.to(device)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+    return model

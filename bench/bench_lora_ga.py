@@ -24,39 +24,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import threading
 import time
 from pathlib import Path
 
 import torch
-from common import llama8b_config, quantize_linears
+from common import fresh, llama8b_config, peak_gib, quantize_linears, sync
 
 import fastlora
 from fastlora.estimate import DenseAccumulator, HostAccumulator
 from fastlora.lora_ga import lora_ga_factors
-
-GIB = 1024**3
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def fresh(device: torch.device) -> int:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    return 0
-
-
-def peak_gib(device: torch.device, base: int) -> float:
-    return (torch.cuda.max_memory_allocated(device) - base) / GIB if device.type == "cuda" else 0.0
 
 
 def batches_for(n: int, args, vocab: int) -> list[dict]:

@@ -26,37 +26,15 @@ the hi/lo split): a full-width sketch of a small bf16 model reproduces its dense
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import time
 from pathlib import Path
 
 import torch
-from common import llama8b_config, quantize_linears
+from common import GIB, fresh, llama8b_config, peak_gib, quantize_linears, sync
 
 import fastlora
 from fastlora.sketch import auto_sketch_size
-
-GIB = 1024**3
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def fresh(device: torch.device) -> int:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    return 0
-
-
-def peak_gib(device: torch.device) -> float:
-    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else 0.0
 
 
 def clock(device: torch.device, fn):

@@ -5,7 +5,11 @@ Imported by the scripts in bench/ (``python bench/<script>.py`` puts this folder
 
 from __future__ import annotations
 
+import gc
+
 import torch
+
+GIB = 1024**3
 
 
 def llama8b_config(layers: int, tiny: bool = False):
@@ -46,3 +50,25 @@ def quantize_linears(
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, q)
     return model
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fresh(device: torch.device) -> int:
+    """Free cached memory and reset the peak counter; returns the bytes still allocated (0 on the CPU)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return 0
+
+
+def peak_gib(device: torch.device, base: int = 0) -> float:
+    """Peak allocated GiB since the last :func:`fresh`, minus ``base`` bytes (0.0 on the CPU)."""
+    return (torch.cuda.max_memory_allocated(device) - base) / GIB if device.type == "cuda" else 0.0

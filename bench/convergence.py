@@ -119,7 +119,9 @@ def pretrain(args, device):
     model = build_model(0, args.hidden, args.layers).to(device)
     eval_batch = to_device(make_batch("+", 1024, torch.Generator().manual_seed(1)), device)
     t0 = time.perf_counter()
-    curve = train(model, "+", args.pretrain_steps, args.pretrain_lr, args.batch, 0, eval_batch, args.pretrain_steps // 6, device)
+    curve = train(
+        model, "+", args.pretrain_steps, args.pretrain_lr, args.batch, 0, eval_batch, args.pretrain_steps // 6, device
+    )
     print(f"pretrain (addition): {curve[-1]} in {time.perf_counter() - t0:.0f} s", flush=True)
     return model, curve
 

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ga-batches", type=int, default=8)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--lrs-full", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
-    p.add_argument("--lrs-lora", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    p.add_argument("--lrs-lora", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3, 1e-2])
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)

@@ -15,7 +15,7 @@ right, so this is the exact-match of greedy decoding).
 
 Usage::
 
-    python bench/convergence.py                       # the defaults used for the README (CPU, ~10 min)
+    python bench/convergence.py                       # the defaults used for the README (2 CPU cores, ~15 min)
     python bench/convergence.py --quick               # a smoke run (~1 min)
     python bench/convergence.py --device cuda         # same study on a GPU
 

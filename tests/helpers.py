@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -72,3 +76,28 @@ def quantize_model_bnb(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
     return model
+
+
+def run_two_ranks(worker_source: str, args: list[str], tmp_path: Path, timeout: float) -> None:
+    """Run ``worker_source`` as a script in 2 processes (``RANK`` 0/1, ``WORLD_SIZE`` 2) and wait.
+
+    The workers get ``args`` on their command line and tests/ on ``PYTHONPATH``; a failing rank
+    fails the test with its log.
+    """
+    script = tmp_path / "worker.py"
+    script.write_text(worker_source)
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, WORLD_SIZE="2", OMP_NUM_THREADS="1", PYTHONPATH=tests_dir)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), *args],
+            env=dict(env, RANK=str(rank)),
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in range(2)
+    ]
+    for p in procs:
+        log = p.communicate(timeout=timeout)[0].decode()
+        assert p.returncode == 0, log

@@ -9,14 +9,11 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from helpers import quantize_model_bnb, relerr, tiny_gpt2, tiny_llama
+from helpers import quantize_model_bnb, relerr, run_two_ranks, tiny_gpt2, tiny_llama
 
 import fastlora
 from fastlora.estimate import DenseAccumulator, HostAccumulator, outer_fp32
@@ -275,23 +272,8 @@ _DIST_WORKER = textwrap.dedent(
 
 @pytest.mark.parametrize("offload", ["", "cpu"])
 def test_distributed_two_gloo_ranks_equal_one_process_on_union(tmp_path, offload):
-    script = tmp_path / "worker.py"
-    script.write_text(_DIST_WORKER)
     out = tmp_path / "out.pt"
-    env = dict(os.environ, WORLD_SIZE="2", OMP_NUM_THREADS="1")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(out), str(tmp_path / "rendezvous"), offload],
-            env=dict(env, RANK=str(rank)),
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(2)
-    ]
-    for p in procs:
-        log = p.communicate(timeout=120)[0].decode()
-        assert p.returncode == 0, log
+    run_two_ranks(_DIST_WORKER, [str(out), str(tmp_path / "rendezvous"), offload], tmp_path, timeout=120)
     res = torch.load(out, weights_only=False)
     assert res["n"] == 5
     torch.manual_seed(0)

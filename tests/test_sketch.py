@@ -8,14 +8,11 @@ choice of the default width are in bench/sketch_accuracy.py and bench/NOTES.md.
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from helpers import quantize_model_bnb, relerr, tiny_llama
+from helpers import quantize_model_bnb, relerr, run_two_ranks, tiny_llama
 
 import fastlora
 import fastlora.sketch as sk
@@ -211,24 +208,8 @@ _DIST_WORKER = textwrap.dedent(
 
 
 def test_distributed_two_gloo_ranks_equal_one_process_on_union(tmp_path):
-    script = tmp_path / "worker.py"
-    script.write_text(_DIST_WORKER)
     out = tmp_path / "out.pt"
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, WORLD_SIZE="2", OMP_NUM_THREADS="1", PYTHONPATH=tests_dir)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(out), str(tmp_path / "rendezvous")],
-            env=dict(env, RANK=str(rank)),
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(2)
-    ]
-    for p in procs:
-        log = p.communicate(timeout=150)[0].decode()
-        assert p.returncode == 0, log
+    run_two_ranks(_DIST_WORKER, [str(out), str(tmp_path / "rendezvous")], tmp_path, timeout=150)
     saved = torch.load(out, weights_only=False)
     model = tiny_llama()
     for passes in (1, 2):

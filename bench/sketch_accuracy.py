@@ -41,7 +41,7 @@ import torch
 
 import fastlora
 from fastlora.estimate import GradientAccumulator
-from fastlora.lora_ga import top_singular
+from fastlora.lora_ga import first_step_alignment, top_singular
 from fastlora.sketch import RangeAccumulator, SketchAccumulator, SketchedGradient
 
 HERE = Path(__file__).resolve().parent
@@ -142,27 +142,6 @@ def first_step_cosine(model, data: list[dict], grads) -> float:
         return float(torch.nn.functional.cosine_similarity(d_eff.double(), full.double(), dim=0))
 
 
-@torch.no_grad()
-def analytic_cosine(model, grads) -> tuple[float, list[float]]:
-    """The same cosine in closed form, and per layer.
-
-    At the init the effective weight is W0, so the gradient there is G and SGD's LoRA gradients are
-    ``dA = s·Bᵀ·G``, ``dB = s·G·Aᵀ``: the step changes the effective weight by
-    ``−lr·s²·(B·Bᵀ·G + G·Aᵀ·A) + O(lr²)``. No forward/backward needed; :func:`first_step_cosine`
-    checks the two agree on every model.
-    """
-    steps, fulls, per_layer = [], [], []
-    for name, layer in fastlora.lora_layers(model).items():
-        G = grads[name].double()
-        A, B = layer.lora_A.double(), layer.lora_B.double()
-        d = B @ (B.t() @ G) + (G @ A.t()) @ A
-        steps.append(d.flatten())
-        fulls.append(G.flatten())
-        per_layer.append(float(torch.nn.functional.cosine_similarity(d.flatten(), G.flatten(), dim=0)))
-    cos = torch.nn.functional.cosine_similarity(torch.cat(steps), torch.cat(fulls), dim=0)
-    return float(cos), per_layer
-
-
 class Fanout(GradientAccumulator):
     """Feeds every ``add`` to several accumulators: all sketch configurations in one pass over the data."""
 
@@ -197,7 +176,7 @@ def evaluate(label: str, base, data: list[dict], r: int, args) -> dict:
     ga = fastlora.patch(
         copy.deepcopy(base), method="lora_ga", r=r, alpha=2 * r, grads=exact, svd="exact", progress=False
     )
-    cos_exact, per_layer_exact = analytic_cosine(ga, exact)
+    cos_exact, per_layer_exact = first_step_alignment(ga, exact)
     cos_exact_sgd = first_step_cosine(ga, data, exact)
     dense_floats = sum(g.numel() for g in exact.values())
     shapes = {n: tuple(g.shape) for n, g in exact.items()}
@@ -234,7 +213,7 @@ def evaluate(label: str, base, data: list[dict], r: int, args) -> dict:
                 model = fastlora.patch(
                     copy.deepcopy(base), method="lora_ga", r=r, alpha=2 * r, grads=sk, progress=False
                 )
-                cos, per_layer = analytic_cosine(model, exact)
+                cos, per_layer = first_step_alignment(model, exact)
                 if checked_sgd is None:  # the closed form against a real SGD step, once per model
                     checked_sgd = {
                         "k": k,
@@ -245,8 +224,8 @@ def evaluate(label: str, base, data: list[dict], r: int, args) -> dict:
                 runs.append(
                     {
                         "cos": cos,
-                        "layer_delta_worst": min(a - b for a, b in zip(per_layer, per_layer_exact)),
-                        "layer_cos_mean": statistics.fmean(per_layer),
+                        "layer_delta_worst": min(per_layer[n] - per_layer_exact[n] for n in per_layer),
+                        "layer_cos_mean": statistics.fmean(per_layer.values()),
                         "angU_median": statistics.median(angU),
                         "angU_max": max(angU),
                         "angV_median": statistics.median(angV),

@@ -39,12 +39,13 @@ from torch import nn
 
 from .estimate import LossFn, estimate_gradient
 from .layer import LoraLinear, is_conv1d
-from .patching import register_method
+from .patching import lora_layers, register_method
 
 __all__ = [
     "DIRECTIONS",
     "SCALES",
     "factors_from_singular",
+    "first_step_alignment",
     "lora_ga_factors",
     "randomized_svd",
     "scale_factor",
@@ -377,3 +378,27 @@ def init_lora_ga(
         A, B = factors[name]
         in_base = offset == "base" or (offset == "auto" and not layer.is_quantized)
         _apply_offset(layer, A, B, in_base)
+
+
+@torch.no_grad()
+def first_step_alignment(model: nn.Module, grads: Mapping[str, torch.Tensor]) -> tuple[float, dict[str, float]]:
+    """How closely the first SGD step of freshly initialised LoRA layers follows full fine-tuning.
+
+    At the init the effective weight is W0, so the gradient there is ``G = grads[name]`` and SGD's
+    LoRA gradients are ``dA = s·Bᵀ·G`` and ``dB = s·G·Aᵀ``: one step of size lr changes the effective
+    weight by ``−lr·s²·(B·Bᵀ·G + G·Aᵀ·A) + O(lr²)``, where full fine-tuning's step is ``−lr·G``.
+
+    Returns:
+        The cosine between the two steps over all LoRA layers concatenated (LoRA-GA: close to 1;
+        standard LoRA with B = 0: about sqrt(r / in_features)), and the cosine per layer.
+    """
+    steps, fulls, per_layer = [], [], {}
+    for name, layer in lora_layers(model).items():
+        G = grads[name].double()
+        A, B = layer.lora_A.double(), layer.lora_B.double()
+        d = B @ (B.t() @ G) + (G @ A.t()) @ A
+        steps.append(d.flatten())
+        fulls.append(G.flatten())
+        per_layer[name] = float(torch.nn.functional.cosine_similarity(d.flatten(), G.flatten(), dim=0))
+    cos = torch.nn.functional.cosine_similarity(torch.cat(steps), torch.cat(fulls), dim=0)
+    return float(cos), per_layer

@@ -17,7 +17,7 @@ from helpers import quantize_model_bnb, relerr, run_two_ranks, tiny_gpt2, tiny_l
 
 import fastlora
 from fastlora.estimate import DenseAccumulator, HostAccumulator, outer_fp32
-from fastlora.lora_ga import lora_ga_factors, randomized_svd, top_singular
+from fastlora.lora_ga import first_step_alignment, lora_ga_factors, randomized_svd, top_singular
 from fastlora.offload import BlockOffloader, find_blocks
 from fastlora.quant import dequantize, from_bnb
 
@@ -459,8 +459,11 @@ def test_first_step_alignment_with_full_fine_tuning():
     ga = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=r, alpha=2 * r, grads=est, svd="exact")
     torch.manual_seed(1)
     std = fastlora.patch(copy.deepcopy(base), method="lora", r=r, alpha=2 * r)
+    closed_ga, closed_std = first_step_alignment(ga, est)[0], first_step_alignment(std, est)[0]
     cos_ga, cos_std = first_step_cosine(ga), first_step_cosine(std)
     assert cos_ga > 0.9, cos_ga
+    # the closed form (fastlora.lora_ga.first_step_alignment) agrees with the real SGD step
+    assert abs(closed_ga - cos_ga) < 1e-3 and abs(closed_std - cos_std) < 1e-3, (closed_ga, cos_ga, closed_std, cos_std)
     # standard LoRA's step is G projected on a random r-dim subspace: cos ~ sqrt(r / d_in) (0.18 here)
     assert cos_std < 0.3, cos_std
 

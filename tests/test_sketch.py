@@ -17,6 +17,7 @@ from helpers import quantize_model_bnb, relerr, run_two_ranks, tiny_llama
 import fastlora
 import fastlora.sketch as sk
 from fastlora.estimate import _default_targets
+from fastlora.lora_ga import first_step_alignment
 from fastlora.sketch import LowRankGradient, SketchAccumulator, SketchedGradient, auto_sketch_size, mm_wide
 
 
@@ -43,18 +44,6 @@ def _captured(G: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor) -> float:
     """‖Uᵀ·G‖² + ‖G·V‖², the gradient energy a LoRA-GA init on (U, V) steps along."""
     G = G.double()
     return float((U.double().t() @ G).norm() ** 2 + (G @ Vh.double().t()).norm() ** 2)
-
-
-def _alignment(model, grads) -> float:
-    """First-step alignment in closed form (see bench/sketch_accuracy.py): at the init one SGD step
-    changes the effective weight by −lr·s²·(B·Bᵀ·G + G·Aᵀ·A); its cosine with −G, all layers."""
-    steps, fulls = [], []
-    with torch.no_grad():
-        for name, layer in fastlora.lora_layers(model).items():
-            G, A, B = grads[name].double(), layer.lora_A.double(), layer.lora_B.double()
-            steps.append((B @ (B.t() @ G) + (G @ A.t()) @ A).flatten())
-            fulls.append(G.flatten())
-    return float(torch.nn.functional.cosine_similarity(torch.cat(steps), torch.cat(fulls), dim=0))
 
 
 # -- the sketch itself ----------------------------------------------------------------------------------------
@@ -174,7 +163,7 @@ def test_sketched_subspaces_and_alignment_on_real_gradient():
     cos = {}
     for label, grads in (("exact", dense), ("one", one), ("two", two)):
         ga = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=r, alpha=2 * r, grads=grads, svd="exact")
-        cos[label] = _alignment(ga, dense)
+        cos[label] = first_step_alignment(ga, dense)[0]
     assert cos["exact"] > 0.85, cos
     assert cos["one"] > cos["exact"] - 0.02, cos  # the accuracy contract of sketch="auto"
     assert cos["two"] > cos["exact"] - 0.005, cos
@@ -258,7 +247,7 @@ def test_patch_lora_ga_sketched_end_to_end(quantized, passes):
     # and its first step is (nearly) as aligned with full fine-tuning as the exact init's
     dense = fastlora.estimate_gradient(fastlora.patch(copy.deepcopy(base), r=r, alpha=2 * r), data, progress=False)
     exact = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=r, alpha=2 * r, grads=dense, svd="exact")
-    assert _alignment(model, dense) > _alignment(exact, dense) - 0.02
+    assert first_step_alignment(model, dense)[0] > first_step_alignment(exact, dense)[0] - 0.02
 
 
 def test_sketched_init_matches_exact_when_sketch_is_full_width():

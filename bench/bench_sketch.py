@@ -223,6 +223,9 @@ def run(args) -> dict:
     if not args.no_exact:
         arm("exact-cpu", exact)
 
+    if args.profile:
+        res["profile"] = str(profile(model, warm, timed[:1], r, alpha, args.profile))
+
     if "g" in exact_est:
         al = {}
         for label, f in factors.items():
@@ -232,6 +235,42 @@ def run(args) -> dict:
         print("alignment", json.dumps(al), flush=True)
     save()
     return res
+
+
+def profile(model, warm: list[dict], batch: list[dict], r: int, alpha: float, path: Path) -> Path:
+    """Kernel-level profile of one QLoRA step and one sketched batch (``torch.profiler``): where the
+    sketched pass spends the time a training step does not. Writes the two top-25 tables to ``path``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    tables = []
+    fastlora.patch(model, r=r, alpha=alpha)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step(b: dict) -> None:
+        model(**b).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(warm[0])
+    with torch_profile(activities=acts) as prof:
+        step(batch[0])
+        sync(batch[0]["input_ids"].device)
+    tables.append(("one QLoRA step", prof))
+    model.eval()
+    opt.zero_grad(set_to_none=True)
+    fastlora.estimate_gradient(model, warm, sketch="auto", progress=False)
+    with torch_profile(activities=acts) as prof:
+        fastlora.estimate_gradient(model, batch, sketch="auto", progress=False)
+        sync(batch[0]["input_ids"].device)
+    tables.append(("one sketched batch (estimate_gradient, sketch='auto', reconstruction included)", prof))
+    fastlora.unpatch(model)
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    text = "\n\n".join(f"## {title}\n{prof.key_averages().table(sort_by=key, row_limit=25)}" for title, prof in tables)
+    path.write_text(text)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-exact", action="store_true")
     p.add_argument("--no-two-pass", action="store_true")
     p.add_argument("--json", type=Path, default=Path("sketch.json"))
+    p.add_argument("--profile", type=Path, default=None, help="also write a torch.profiler table to this file")
     p.add_argument("--tiny", action="store_true", help="a small model on the CPU: checks the script, not speed")
     args = p.parse_args(argv)
     if args.tiny:

@@ -30,6 +30,7 @@ from common import llama8b_config, quantize_linears
 import fastlora
 
 GIB = 1024**3
+ARMS = ("fastlora-nf4", "peft-bnb-nf4", "fastlora-bf16", "peft-bf16", "fastlora-nf4-compile")
 
 
 def make_batches(n: int, batch: int, seq: int, vocab: int, seed: int, device: torch.device) -> list[torch.Tensor]:
@@ -148,6 +149,20 @@ def run_arm(label, build, batches, args, checkpointing: bool, compile_model: boo
     return out
 
 
+def fp32_truth(patched):
+    """An fp32 copy of a fastlora-patched model: every LoRA layer becomes an ``nn.Linear`` holding
+    dequant(W0) + s·B·A in fp32, everything else upcast. What both bf16 arms approximate."""
+    truth = copy.deepcopy(patched)
+    for name, layer in fastlora.lora_layers(patched).items():
+        w = layer.dense_base_weight(torch.float32) + layer.delta_weight(torch.float32)
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=layer.base_layer.bias is not None, device=w.device)
+        lin.weight.data.copy_(w)
+        if lin.bias is not None:
+            lin.bias.data.copy_(layer.base_layer.bias.float())
+        truth.set_submodule(name, lin)
+    return truth.float()
+
+
 def agreement(base_nf4, batches, args) -> dict:
     """First-step logits/loss and 50-step losses of fastlora vs PEFT on NF4, same A and B."""
     ours = patch_fastlora(copy.deepcopy(base_nf4), args.r, args.alpha)
@@ -160,9 +175,27 @@ def agreement(base_nf4, batches, args) -> dict:
     ids = batches[0]
     with torch.no_grad():
         lo, lt = ours(input_ids=ids, labels=ids), theirs(input_ids=ids, labels=ids)
-    rel = ((lo.logits.float() - lt.logits.float()).norm() / lt.logits.float().norm()).item()
-    res = {"first_logits_relerr": rel, "first_loss_fastlora": lo.loss.item(), "first_loss_peft": lt.loss.item()}
-    del lo, lt
+        truth = fp32_truth(ours)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # a true fp32 reference
+        try:
+            ref = truth(input_ids=ids, labels=ids)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+        del truth
+
+    def relerr(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    res = {
+        "first_logits_relerr": relerr(lo.logits, lt.logits),
+        "fastlora_logits_relerr_vs_fp32": relerr(lo.logits, ref.logits),
+        "peft_logits_relerr_vs_fp32": relerr(lt.logits, ref.logits),
+        "first_loss_fastlora": lo.loss.item(),
+        "first_loss_peft": lt.loss.item(),
+        "first_loss_fp32": ref.loss.item(),
+    }
+    del lo, lt, ref
     curves = {}
     for name, model in (("fastlora", ours), ("peft", theirs)):
         model.train()
@@ -189,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conv-steps", type=int, default=50)
     p.add_argument("--no-checkpointing-on", action="store_true", help="skip the gradient-checkpointing runs")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--arms", nargs="+", default=None, choices=ARMS, help="run only these arms (default: all)")
+    p.add_argument("--no-agreement", action="store_true", help="skip the first-step / 50-step agreement check")
     p.add_argument("--json", type=Path, default=Path("train_step.json"))
     p.add_argument("--tiny", action="store_true", help="a small model on the CPU: checks the script, not speed")
     args = p.parse_args(argv)
@@ -224,19 +259,28 @@ def main(argv: list[str] | None = None) -> int:
                 ("peft-bf16", lambda: patch_peft(copy.deepcopy(base_bf16), args.r, args.alpha)),
             ]
             for label, build in arms:
+                if args.arms and label not in args.arms:
+                    continue
                 r = run_arm(label, build, batches, args, ckpt)
                 r["shape"] = shape
                 results["runs"].append(r)
                 print(json.dumps(r), flush=True)
-            if not args.no_compile:
+                args.json.write_text(json.dumps(results, indent=1))  # a run cut short keeps its arms
+            if not args.no_compile and (not args.arms or "fastlora-nf4-compile" in args.arms):
                 r = run_arm("fastlora-nf4-compile", arms[0][1], batches, args, ckpt, compile_model=True)
                 r["shape"] = shape
                 results["runs"].append(r)
                 print(json.dumps(r), flush=True)
+    if args.no_agreement:
+        args.json.write_text(json.dumps(results, indent=1))
+        return print_table(results, args)
     agree_batches = make_batches(4, 2, 1024 if not args.tiny else 64, cfg.vocab_size, seed=2, device=device)
     results["agreement"] = agreement(base_nf4, agree_batches, args)
     args.json.write_text(json.dumps(results, indent=1))
+    return print_table(results, args)
 
+
+def print_table(results: dict, args) -> int:
     print(f"\n{results['gpu']}, {args.layers} layers of Llama-3-8B shape, r={args.r}, AdamW")
     print(
         f"{'shape':8s} {'ckpt':5s} {'arm':22s} {'tok/s':>9s} {'peak GiB':>9s} {'tok/s ÷ peft-bnb':>17s} {'mem ÷ peft-bnb':>15s}"
@@ -254,9 +298,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{shape:8s} {ckpt!s:5s} {r['arm']:22s} {r['tokens_per_s']:9.0f} {r['peak_gib']:9.2f} {tr:17.2f} {mr:15.2f}"
                 )
-    a = results["agreement"]
-    print(f"\nfirst step (NF4, same A/B): logits relerr {a['first_logits_relerr']:.2e}, "
-          f"loss {a['first_loss_fastlora']:.4f} vs {a['first_loss_peft']:.4f}")  # fmt: skip
+    a = results.get("agreement")
+    if a is None:
+        print(f"wrote {args.json}")
+        return 0
+    print(f"\nfirst step (NF4, same A/B): logits relerr fastlora vs PEFT {a['first_logits_relerr']:.2e}; "
+          f"vs an fp32 model of the same weights: fastlora {a['fastlora_logits_relerr_vs_fp32']:.2e}, "
+          f"PEFT {a['peft_logits_relerr_vs_fp32']:.2e}; loss {a['first_loss_fastlora']:.4f} (fastlora) "
+          f"vs {a['first_loss_peft']:.4f} (PEFT) vs {a['first_loss_fp32']:.4f} (fp32)")  # fmt: skip
     print(
         f"after {args.conv_steps} steps: loss {a['final_loss_fastlora']:.4f} (fastlora) vs {a['final_loss_peft']:.4f} (PEFT)"
     )

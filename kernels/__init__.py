@@ -7,15 +7,18 @@
 * :func:`lora_down`, :func:`lora_bwd_aux`, :func:`lora_up_add` -- the LoRA-only passes.
 
 Autotuned kernels take their configs from one function each; ``FASTLORA_TRITON_CONFIG_<KERNEL>``
-pins one (see :func:`fastlora.kernels._common.pinned_config`).
+pins one (see :func:`fastlora.kernels._common.pinned_config`). ``FASTLORA_NF4_LOOKUP`` /
+:func:`set_nf4_lookup` pick how 4-bit codes become values ("auto", the default: the fastest per kernel as measured;
+"select" tree; "gather"; "gather1d").
 """
 
-from ._common import Packed4bit, interpreting
+from ._common import NF4_LOOKUPS, Packed4bit, interpreting, nf4_lookup, set_nf4_lookup
 from .dequant import dequant_4bit
 from .lora_aux import down_splits, dropout_keep_mask, lora_bwd_aux, lora_down, lora_up_add
 from .lora_gemm import lora_dx_fused, lora_fwd_fused
 
 __all__ = [
+    "NF4_LOOKUPS",
     "Packed4bit",
     "dequant_4bit",
     "down_splits",
@@ -26,4 +29,6 @@ __all__ = [
     "lora_dx_fused",
     "lora_fwd_fused",
     "lora_up_add",
+    "nf4_lookup",
+    "set_nf4_lookup",
 ]

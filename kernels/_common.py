@@ -102,11 +102,44 @@ class Packed4bit(NamedTuple):
 
 QTYPES = {"nf4": 0, "fp4": 1}
 
+# How the 4-bit kernels map a code to its table value (the ``LOOKUP`` constexpr of ``load_w_tile``,
+# see ``code_lookup``): "select" (0) -- a 15-``tl.where`` select tree on the code's bits; "gather" (1)
+# -- ``tl.gather`` from the 16-entry table broadcast to the tile's rows (warp shuffles); "gather1d" (2)
+# -- a rank-1 ``tl.gather`` (through shared memory). Same values bit for bit (the exact fp32 entry).
+# "auto" (the default) is what measured fastest per kernel on an H100 with Triton 3.6
+# (bench/NOTES.md, bench/bench_lookup.py): "gather" in the dequantisation kernel (2.3x faster at
+# 4096x4096, 1.2x at the 14336-wide shapes), "select" in the fused GEMMs (there the lookup is not the
+# bottleneck and the gather measured 10-20 % slower). Read once from FASTLORA_NF4_LOOKUP (NF4 and FP4
+# alike); :func:`set_nf4_lookup` switches it at run time (Triton compiles and caches one kernel per
+# constexpr value, so switching costs one compile per kernel).
+NF4_LOOKUPS = {"auto": None, "select": 0, "gather": 1, "gather1d": 2}
 
-def weight_args(w: torch.Tensor | Packed4bit) -> tuple[tuple, dict]:
+
+def _lookup_code(name: str) -> int | None:
+    if name not in NF4_LOOKUPS:
+        raise ValueError(f"fastlora.kernels: 4-bit lookup must be one of {sorted(NF4_LOOKUPS)}, got {name!r}")
+    return NF4_LOOKUPS[name]
+
+
+_nf4_lookup = _lookup_code(os.environ.get("FASTLORA_NF4_LOOKUP", "auto").strip() or "auto")
+
+
+def set_nf4_lookup(name: str) -> None:
+    """Use ``name`` (a key of :data:`NF4_LOOKUPS`) for the 4-bit code lookup of every later launch."""
+    global _nf4_lookup
+    _nf4_lookup = _lookup_code(name)
+
+
+def nf4_lookup() -> str:
+    """The 4-bit code lookup in force (a key of :data:`NF4_LOOKUPS`)."""
+    return {v: k for k, v in NF4_LOOKUPS.items()}[_nf4_lookup]
+
+
+def weight_args(w: torch.Tensor | Packed4bit, auto_lookup: int = 0) -> tuple[tuple, dict]:
     """Kernel arguments ``(w_ptr, stride_wn, stride_wk, q_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
     offset_ptr)`` and the constexprs of ``load_w_tile`` for a dense ``[N, K]`` matrix (any strides)
-    or a :class:`Packed4bit`."""
+    or a :class:`Packed4bit` (``LOOKUP``: the 4-bit code lookup in force, see :func:`set_nf4_lookup`;
+    under "auto" the calling kernel's ``auto_lookup``)."""
     if isinstance(w, Packed4bit):
         packed = w.packed if w.packed.dtype == torch.uint8 else w.packed.view(torch.uint8)
         packed = packed.reshape(-1)
@@ -121,11 +154,12 @@ def weight_args(w: torch.Tensor | Packed4bit) -> tuple[tuple, dict]:
         consts = dict(
             QUANT=True, NESTED=w.nested, EVEN_K=k % 2 == 0, QTYPE=QTYPES[w.quant_type], BS=w.blocksize,
             BS2=w.blocksize2 if w.nested else 256, K_ALIGNED=k % w.blocksize == 0,
+            LOOKUP=auto_lookup if _nf4_lookup is None else _nf4_lookup,
         )  # fmt: skip
         log2_exact(w.blocksize)
         return args, consts
     args = (w, w.stride(0), w.stride(1), w, w, w, w, w)
-    return args, dict(QUANT=False, NESTED=False, EVEN_K=True, QTYPE=0, BS=64, BS2=256, K_ALIGNED=True)
+    return args, dict(QUANT=False, NESTED=False, EVEN_K=True, QTYPE=0, BS=64, BS2=256, K_ALIGNED=True, LOOKUP=0)
 
 
 def weight_shape(w: torch.Tensor | Packed4bit) -> tuple[int, int]:
@@ -224,6 +258,29 @@ def code_value(nib, QTYPE: tl.constexpr):
 
 
 @triton.jit
+def code_lookup(nib, QTYPE: tl.constexpr, LOOKUP: tl.constexpr):
+    """fp32 value of the 4-bit codes ``nib`` (int32 ``[R, C]``), all variants exact:
+
+    * ``LOOKUP == 0``: the select tree (:func:`code_value`) on every element;
+    * ``LOOKUP == 1``: ``tl.gather`` along axis 1 from the 16-entry table (built once by the select
+      tree on ``arange(16)``) broadcast to ``[R, 16]`` -- ``tl.gather`` needs source and index of the
+      same rank with equal sizes off the gather axis; Triton lowers it to warp shuffles;
+    * ``LOOKUP == 2``: the codes flattened to ``[R*C]`` and gathered from the ``[16]`` table (a rank-1
+      gather is not made warp-local: Triton lowers it through shared memory, one load per element).
+    """
+    if LOOKUP == 0:
+        return code_value(nib, QTYPE)
+    elif LOOKUP == 1:
+        table = code_value(tl.arange(0, 16), QTYPE)  # [16] fp32
+        src = tl.broadcast_to(table[None, :], (nib.shape[0], 16))  # [R, 16]
+        return tl.gather(src, nib, 1)
+    else:
+        table = code_value(tl.arange(0, 16), QTYPE)  # [16] fp32
+        flat = tl.reshape(nib, (nib.shape[0] * nib.shape[1],))  # [R*C]
+        return tl.reshape(tl.gather(table, flat, 0), (nib.shape[0], nib.shape[1]))
+
+
+@triton.jit
 def block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask, BS2: tl.constexpr, NESTED: tl.constexpr):
     """fp32 scale of 4-bit block ``blk`` (any shape): ``absmax[blk]``, or with double quantisation
     ``code2[q[blk]] * absmax2[blk // BS2]`` then ``+ offset[0]`` (two fp32 roundings, as bnb; the
@@ -263,14 +320,16 @@ def load_w_tile(
     K_ALIGNED: tl.constexpr,
     PAIRED: tl.constexpr,
     OUT: tl.constexpr,
+    LOOKUP: tl.constexpr = 0,
 ):
     """``W0[offs_n, k0:k0+BLOCK_K]`` as a ``[BLOCK_R, BLOCK_K]`` tile of dtype ``OUT``, zero outside ``[N, K]``.
 
     Dense W0: a strided load. 4-bit W0 (bitsandbytes layout, see ``dequant.py``): read the packed
     bytes and dequantise in registers, each value ``code[q] * scale`` in fp32 rounded once to
     ``OUT`` -- the same numbers as ``bitsandbytes.functional.dequantize_4bit``. The code value comes
-    from a select tree (no table load); when the tile's rows lie inside single scale blocks
-    (``K % BS == 0`` and ``BLOCK_K <= BS``) one scale per row is loaded, else one per element.
+    from a select tree or a register gather (``LOOKUP``, see :func:`code_lookup`; no memory load);
+    when the tile's rows lie inside single scale blocks (``K % BS == 0`` and ``BLOCK_K <= BS``) one
+    scale per row is loaded, else one per element.
     ``PAIRED`` (K even) loads each byte once and interleaves its two nibbles (``tl.join``) -- used by
     the dequantisation kernel; the GEMMs load per element (a joined tile feeding ``tl.dot`` breaks
     Triton 3.6's layout passes).
@@ -289,8 +348,8 @@ def load_w_tile(
                 ]
             else:
                 scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (byte * 2) // BS, mask, BS2, NESTED)
-            hi = cast(code_value(b >> 4, QTYPE) * scale, OUT)  # [BR, BH] even columns
-            lo = cast(code_value(b & 15, QTYPE) * scale, OUT)  # [BR, BH] odd columns
+            hi = cast(code_lookup(b >> 4, QTYPE, LOOKUP) * scale, OUT)  # [BR, BH] even columns
+            lo = cast(code_lookup(b & 15, QTYPE, LOOKUP) * scale, OUT)  # [BR, BH] odd columns
             w = tl.join(hi, lo).reshape(BLOCK_R, BLOCK_K)  # [BR, BK]
         else:
             offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
@@ -308,7 +367,7 @@ def load_w_tile(
                 ]
             else:
                 scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BS, mask, BS2, NESTED)
-            w = cast(code_value(nib, QTYPE) * scale, OUT)
+            w = cast(code_lookup(nib, QTYPE, LOOKUP) * scale, OUT)
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import Packed4bit, load_w_tile, make_configs, tl_dtype, weight_args
+from ._common import NF4_LOOKUPS, Packed4bit, load_w_tile, make_configs, tl_dtype, weight_args
 
 __all__ = ["dequant_4bit"]
 
@@ -30,7 +30,7 @@ def _configs():
     )
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "NESTED", "BS", "OUT"])
+@triton.autotune(configs=_configs(), key=["N", "K", "NESTED", "BS", "OUT", "LOOKUP"])
 @triton.jit
 def _dequant4_kernel(
     q_ptr,
@@ -48,6 +48,7 @@ def _dequant4_kernel(
     BS: tl.constexpr,
     BS2: tl.constexpr,
     K_ALIGNED: tl.constexpr,
+    LOOKUP: tl.constexpr,
     OUT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -80,6 +81,7 @@ def _dequant4_kernel(
         K_ALIGNED,
         EVEN_K,
         OUT,
+        LOOKUP,
     )  # [BR, BK]  (fmt: skip)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
@@ -119,7 +121,7 @@ def dequant_4bit(
         out = torch.empty((n, k), dtype=dtype, device=packed.device)
     assert out.dtype == dtype and out.shape[0] >= n and out.shape[1] >= k and out.stride(1) == 1
     w = Packed4bit(packed, absmax, quant_type, (n, k), blocksize, absmax2, code2, blocksize2, offset)
-    args, consts = weight_args(w)
+    args, consts = weight_args(w, auto_lookup=NF4_LOOKUPS["gather"])
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
     consts.pop("QUANT")
     _dequant4_kernel[grid](*args[3:], out, out.stride(0), n, k, OUT=tl_dtype(dtype), enable_fp_fusion=False, **consts)

@@ -138,7 +138,7 @@ def _lora_epilogue(
 
 @triton.autotune(
     configs=make_configs("lora_fwd", _gemm_options(), _INTERP),
-    key=["M_BUCKET", "N", "K", "BLOCK_R", "QUANT", "NESTED", "DTYPE", "SPLIT"],
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "QUANT", "NESTED", "DTYPE", "SPLIT", "LOOKUP"],
     prune_configs_by={"early_config_prune": prune_by_m},
 )
 @triton.jit
@@ -180,6 +180,7 @@ def _lora_fwd_kernel(
     BS: tl.constexpr,
     BS2: tl.constexpr,
     K_ALIGNED: tl.constexpr,
+    LOOKUP: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     XA_SPLITS: tl.constexpr,
     SPLIT: tl.constexpr,
@@ -231,6 +232,7 @@ def _lora_fwd_kernel(
             K_ALIGNED,
             False,
             DTYPE,
+            LOOKUP,
         )  # [BN, BK]
         acc = mma(x, tl.trans(w), acc, PREC, F32)
 
@@ -338,7 +340,7 @@ def _lora_fwd_finalize_kernel(
 
 @triton.autotune(
     configs=make_configs("lora_dx", _gemm_options(), _INTERP),
-    key=["M_BUCKET", "N", "K", "BLOCK_R", "QUANT", "NESTED", "DTYPE", "DROPOUT"],
+    key=["M_BUCKET", "N", "K", "BLOCK_R", "QUANT", "NESTED", "DTYPE", "DROPOUT", "LOOKUP"],
     prune_configs_by={"early_config_prune": prune_by_m},
 )
 @triton.jit
@@ -377,6 +379,7 @@ def _lora_dx_kernel(
     BS: tl.constexpr,
     BS2: tl.constexpr,
     K_ALIGNED: tl.constexpr,
+    LOOKUP: tl.constexpr,
     DROPOUT: tl.constexpr,
     DTYPE: tl.constexpr,
     PREC: tl.constexpr,
@@ -425,6 +428,7 @@ def _lora_dx_kernel(
             K_ALIGNED,
             False,
             DTYPE,
+            LOOKUP,
         )  # [BN, BK]: W0's rows n0.. (reduction), columns of this output tile
         acc = mma(dy, w, acc, PREC, F32)
 

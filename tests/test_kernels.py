@@ -125,6 +125,59 @@ def test_dequant_into_wider_buffer_leaves_tail(poison_empty):
     assert (buf[:, 40:] == 7.0).all()
 
 
+@pytest.fixture
+def restore_lookup():
+    from fastlora.kernels import nf4_lookup, set_nf4_lookup
+
+    before = nf4_lookup()
+    yield set_nf4_lookup
+    set_nf4_lookup(before)
+
+
+@pytest.mark.parametrize("lookup", ["auto", "gather", "gather1d"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize(("shape", "blocksize"), [((40, 72), 64), ((17, 33), 128)])
+def test_dequant_lookups_bit_identical(lookup, quant_type, nested, shape, blocksize, restore_lookup, poison_empty):
+    """The code-value lookups (``FASTLORA_NF4_LOOKUP``: select tree, tl.gather) give the same bits."""
+    from fastlora.kernels import dequant_4bit
+
+    qw = quantize_4bit(
+        torch.randn(*shape, device=DEV), blocksize=blocksize, quant_type=quant_type, compress_statistics=nested
+    )
+    outs = {}
+    for lk in ("select", lookup):
+        restore_lookup(lk)
+        outs[lk] = dequant_4bit(
+            qw.packed, qw.absmax, qw.quant_type, qw.shape, qw.blocksize, torch.bfloat16,
+            absmax2=qw.absmax2, code2=qw.code2, blocksize2=qw.blocksize2, offset=qw.offset,
+        )  # fmt: skip
+    assert torch.equal(outs[lookup].view(torch.uint8), outs["select"].view(torch.uint8))
+    assert torch.equal(outs["select"], dequantize(qw, torch.bfloat16))
+
+
+@pytest.mark.parametrize("lookup", ["auto", "gather", "gather1d"])
+def test_fused_gemms_lookups_bit_identical(lookup, restore_lookup, poison_empty):
+    """The fused forward (split-K) and dx kernels give the same bits with every code lookup."""
+    from fastlora.kernels import lora_dx_fused, lora_fwd_fused
+
+    from fastlora.ops.fused import _weight_of
+
+    m, k, n, r = 5, 136, 72, 8
+    w = _weight_of(_base(n, k, "nf4-nested", torch.bfloat16))
+    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+    xa = torch.randn(m, r, device=DEV, dtype=torch.bfloat16)
+    B = torch.randn(n, r, device=DEV, dtype=torch.bfloat16)
+    dy = torch.randn(m, n, device=DEV, dtype=torch.bfloat16)
+    A = torch.randn(r, k, device=DEV, dtype=torch.bfloat16)
+    outs = {}
+    for lk in ("select", lookup):
+        restore_lookup(lk)
+        outs[lk] = (lora_fwd_fused(x, w, B, 0.5, xa, splits=2), lora_dx_fused(dy, w, A, 0.5, xa))
+    for a, b in zip(outs["select"], outs[lookup]):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
 # ------------------------------------------------------------------------------------------------
 # the op against float64 truth
 # ------------------------------------------------------------------------------------------------
@@ -462,3 +515,16 @@ def test_gpu_layer_autocast_fp32_params_matches_reference():
     assert outs["triton"][0].dtype == outs["torch"][0].dtype
     for a, b in zip(outs["triton"], outs["torch"]):
         assert relerr(a, b) < 1e-2
+
+
+def test_auto_merge_rule():
+    """``auto`` merges small-M forwards by addmm (measured faster at M = 16) and large-M ones by the
+    byte rule (cat where [x | s·xa] costs fewer bytes than a second pass over y)."""
+    from fastlora.ops.fused import CAT_MIN_M, _fwd_cat
+
+    assert not _fwd_cat(16, 4096, 4096, quant=True)
+    assert not _fwd_cat(CAT_MIN_M - 1, 4096, 4096, quant=True)
+    assert _fwd_cat(4096, 4096, 4096, quant=True)  # 4096·4096 < 2·4096·4096
+    assert _fwd_cat(4096, 14336, 4096, quant=True)
+    assert not _fwd_cat(4096, 4096, 14336, quant=True)  # K = 14336 > 2·N: addmm
+    assert not _fwd_cat(4096, 4096, 4096, quant=False)  # a dense W0 would be copied

@@ -72,12 +72,18 @@ def _round8(r: int) -> int:
     return (r + 7) // 8 * 8
 
 
+# Below this M "auto" merges by addmm: at M = 16 (CUDA graphs, H100, bench/NOTES.md) the cat merge's
+# GEMM over K + 8 columns ran slower than the plain GEMM plus ``lora_up_add`` (NF4, 4096x4096: 60 vs
+# 41 us; 4096x14336: 140 vs 119 us); from M = 4096 up the byte rule below picked the faster one.
+CAT_MIN_M = 1024
+
+
 def _fwd_cat(m: int, n: int, k: int, quant: bool) -> bool:
     """Merge the forward's LoRA term by concatenation? Bytes of [x | s·xa] (plus a copy of a dense
-    W0) against an extra read+write of y."""
+    W0) against an extra read+write of y; never for small M (see ``CAT_MIN_M``)."""
     if _merge != "auto":
         return _merge == "cat"
-    return m * k + (0 if quant else 2 * n * k) < 2 * m * n
+    return m >= CAT_MIN_M and m * k + (0 if quant else 2 * n * k) < 2 * m * n
 
 
 def supports(x, base, lora_A, lora_B, bias=None, dropout_p=0.0) -> bool:

@@ -180,8 +180,10 @@ class LoraLinear(nn.Module):
         if bias is not None:
             bias = bias.to(dtype)
         p = self.dropout if self.training else 0.0
-        # The seed comes from torch's global RNG so torch.manual_seed makes runs repeatable.
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if p > 0.0 else 0
+        # The seed is drawn on x's device from torch's RNG (torch.manual_seed makes runs repeatable) and
+        # stays a tensor: the fused kernels read it from memory, so dropout needs no host sync (no graph
+        # break under torch.compile, capturable in a CUDA graph). int32, 31 bits: what the kernels use.
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=x.device) if p > 0.0 else 0
         base = self.base_weight()
         if isinstance(base, torch.Tensor):
             base = base.to(dtype)

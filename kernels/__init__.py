@@ -12,7 +12,7 @@ pins one (see :func:`fastlora.kernels._common.pinned_config`). ``FASTLORA_NF4_LO
 "select" tree; "gather"; "gather1d").
 """
 
-from ._common import NF4_LOOKUPS, Packed4bit, interpreting, nf4_lookup, set_nf4_lookup
+from ._common import NF4_LOOKUPS, Packed4bit, interpreting, nf4_lookup, seed_tensor, set_nf4_lookup
 from .dequant import dequant_4bit
 from .lora_aux import down_splits, dropout_keep_mask, lora_bwd_aux, lora_down, lora_up_add
 from .lora_gemm import lora_dx_fused, lora_fwd_fused
@@ -30,5 +30,6 @@ __all__ = [
     "lora_fwd_fused",
     "lora_up_add",
     "nf4_lookup",
+    "seed_tensor",
     "set_nf4_lookup",
 ]

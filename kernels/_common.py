@@ -376,13 +376,37 @@ def load_w_tile(
     return w
 
 
+def seed_tensor(seed: torch.Tensor | int, device: torch.device) -> torch.Tensor:
+    """The dropout seed as the kernels read it: a 1-element int32 tensor on ``device`` holding 31 bits.
+
+    The kernels load the seed from memory rather than taking it as a launch argument, so that a seed
+    drawn on the GPU (``torch.randint(..., device="cuda")``) reaches them without a host sync: no
+    graph break under ``torch.compile``, capturable in a CUDA graph. An int32 tensor is used as is;
+    another integer tensor or a Python int is reduced to its low 31 bits (the same mask for both).
+    """
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex():
+            raise ValueError(
+                f"fastlora.kernels: the dropout seed must be one integer, got a {seed.dtype} {tuple(seed.shape)}"
+            )
+        seed = seed.reshape(1).to(device)
+        return seed if seed.dtype == torch.int32 else (seed.to(torch.int64) & 0x7FFFFFFF).to(torch.int32)
+    return torch.tensor([int(seed) & 0x7FFFFFFF], dtype=torch.int32, device=device)
+
+
+def seed_arg(seed: torch.Tensor | int, dropout_p: float, like: torch.Tensor) -> torch.Tensor:
+    """The ``seed_ptr`` argument of a launch: :func:`seed_tensor` with dropout; without, any tensor on
+    the device (``like``; the kernel never reads it), so no seed tensor is made per call."""
+    return seed_tensor(seed, like.device) if dropout_p > 0.0 else like
+
+
 @triton.jit
-def dropout_scale(x, offs_m, offs_k, K, seed, p, DROPOUT: tl.constexpr):
-    """``x ⊙ keep / (1 - p)`` in fp32, the keep mask regenerated from ``seed`` and the element's flat
-    index ``m·K + k`` (Philox through ``tl.rand``): the same mask in forward and backward."""
+def dropout_scale(x, offs_m, offs_k, K, seed_ptr, p, DROPOUT: tl.constexpr):
+    """``x ⊙ keep / (1 - p)`` in fp32, the keep mask regenerated from the seed at ``seed_ptr`` and the
+    element's flat index ``m·K + k`` (Philox through ``tl.rand``): the same mask in forward and backward."""
     xf = x.to(tl.float32)
     if DROPOUT:
-        r = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :])
+        r = tl.rand(tl.load(seed_ptr), offs_m[:, None] * K + offs_k[None, :])
         xf = tl.where(r >= p, xf * (1.0 / (1.0 - p)), 0.0)
     return xf
 

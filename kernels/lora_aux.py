@@ -17,7 +17,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast, dot_precision, dropout_scale, interpreting, mma, next_pow2, pinned_config, tl_dtype
+from ._common import (
+    cast,
+    dot_precision,
+    dropout_scale,
+    interpreting,
+    mma,
+    next_pow2,
+    pinned_config,
+    seed_arg,
+    seed_tensor,
+    tl_dtype,
+)
 
 __all__ = ["down_splits", "dropout_keep_mask", "lora_bwd_aux", "lora_down", "lora_up_add"]
 
@@ -47,7 +58,7 @@ def _consts(dtype: torch.dtype) -> dict:
 # ----------------------------------------------------------------------------------------------
 # down projection
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _lora_down_kernel(
     x_ptr,
     stride_xm,
@@ -65,7 +76,7 @@ def _lora_down_kernel(
     RP,
     K_SPLIT,
     scaling,
-    seed,
+    seed_ptr,
     p,
     SPLITS: tl.constexpr,
     CAT: tl.constexpr,
@@ -93,7 +104,7 @@ def _lora_down_kernel(
         )
         if CAT:
             tl.store(xcat_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_k[None, :], x, mask=mask)
-        xd = cast(dropout_scale(x, offs_m, offs_k, K, seed, p, DROPOUT), DTYPE)  # [BM, BK]
+        xd = cast(dropout_scale(x, offs_m, offs_k, K, seed_ptr, p, DROPOUT), DTYPE)  # [BM, BK]
         a = tl.load(
             a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
             mask=r_ok[:, None] & (offs_k[None, :] < K),
@@ -127,7 +138,7 @@ def lora_down(
     lora_A: torch.Tensor,
     *,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | int = 0,
     splits: int = 1,
     cat_width: int = 0,
     scaling: float = 1.0,
@@ -167,7 +178,7 @@ def lora_down(
         x, x.stride(0), x.stride(1),
         lora_A, lora_A.stride(0), lora_A.stride(1),
         part, xa, xcat if xcat is not None else xa, xcat.stride(0) if xcat is not None else 0,
-        m, k, r, cat_width, k_split, float(scaling), int(seed), float(dropout_p),
+        m, k, r, cat_width, k_split, float(scaling), seed_arg(seed, dropout_p, x), float(dropout_p),
         SPLITS=splits, CAT=xcat is not None, DROPOUT=dropout_p > 0.0, BLOCK_R=br,
         **meta, **_consts(x.dtype),
     )  # fmt: skip
@@ -177,7 +188,7 @@ def lora_down(
 # ----------------------------------------------------------------------------------------------
 # backward: one pass over dy (g, dB), one over x (dA)
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _lora_bwd_aux_kernel(
     dy_ptr,
     stride_dm,
@@ -201,7 +212,7 @@ def _lora_bwd_aux_kernel(
     R,
     RP,
     scaling,
-    seed,
+    seed_ptr,
     p,
     CAT: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -255,7 +266,7 @@ def _lora_bwd_aux_kernel(
             mask=m_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        xd = cast(dropout_scale(x, offs_m, offs_k, K, seed, p, DROPOUT), DTYPE)  # [BM, BK]
+        xd = cast(dropout_scale(x, offs_m, offs_k, K, seed_ptr, p, DROPOUT), DTYPE)  # [BM, BK]
         da = mma(tl.trans(gd), xd, tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32), PREC, F32)  # [BR, BK]
         tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da * scaling, mask=k_ok[None, :])
 
@@ -269,7 +280,7 @@ def lora_bwd_aux(
     scaling: float,
     *,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | int = 0,
     cat_width: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """The LoRA part of the backward in one launch.
@@ -302,7 +313,7 @@ def lora_bwd_aux(
         x, x.stride(0), x.stride(1),
         g if g is not None else dycat, dycat if dycat is not None else g, dycat.stride(0) if dycat is not None else 0,
         da32, db32,
-        m, n, k, r, cat_width, float(scaling), int(seed), float(dropout_p),
+        m, n, k, r, cat_width, float(scaling), seed_arg(seed, dropout_p, dy), float(dropout_p),
         CAT=dycat is not None, DROPOUT=dropout_p > 0.0, BLOCK_R=br,
         **meta, **_consts(dy.dtype),
     )  # fmt: skip
@@ -312,7 +323,7 @@ def lora_bwd_aux(
 # ----------------------------------------------------------------------------------------------
 # out += s·(L·R) ⊙ mask, in place
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _lora_up_kernel(
     out_ptr,
     stride_om,
@@ -326,7 +337,7 @@ def _lora_up_kernel(
     N,
     R,
     scaling,
-    seed,
+    seed_ptr,
     p,
     DROPOUT: tl.constexpr,
     DTYPE: tl.constexpr,
@@ -348,7 +359,7 @@ def _lora_up_kernel(
     )  # [BR, BN]
     lora = mma(lm, rm, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC, F32) * scaling
     if DROPOUT:
-        keep = tl.rand(seed, offs_m[:, None] * N + offs_n[None, :]) >= p
+        keep = tl.rand(tl.load(seed_ptr), offs_m[:, None] * N + offs_n[None, :]) >= p
         lora = tl.where(keep, lora * (1.0 / (1.0 - p)), 0.0)
     mask = m_ok[:, None] & n_ok[None, :]
     ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
@@ -363,7 +374,7 @@ def lora_up_add(
     scaling: float,
     *,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | int = 0,
 ) -> torch.Tensor:
     """``out += s·(left·right) ⊙ keep/(1-p)`` in place (fp32 sum, one rounding).
 
@@ -380,7 +391,7 @@ def lora_up_add(
         out, out.stride(0), out.stride(1),
         left, left.stride(0),
         right, right.stride(0), right.stride(1),
-        m, n, r, float(scaling), int(seed), float(dropout_p),
+        m, n, r, float(scaling), seed_arg(seed, dropout_p, out), float(dropout_p),
         DROPOUT=dropout_p > 0.0, BLOCK_R=next_pow2(r),
         **meta, **_consts(out.dtype),
     )  # fmt: skip
@@ -390,17 +401,18 @@ def lora_up_add(
 # ----------------------------------------------------------------------------------------------
 # the keep-mask itself (tests, debugging): the same Philox draw every kernel above makes
 # ----------------------------------------------------------------------------------------------
-@triton.jit(do_not_specialize=["seed"])
-def _keep_mask_kernel(out_ptr, M, K, seed, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+@triton.jit
+def _keep_mask_kernel(out_ptr, M, K, seed_ptr, p, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
-    keep = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= p
+    keep = tl.rand(tl.load(seed_ptr), offs_m[:, None] * K + offs_k[None, :]) >= p
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_m[:, None].to(tl.int64) * K + offs_k[None, :], keep.to(tl.int8), mask=mask)
 
 
-def dropout_keep_mask(m: int, k: int, p: float, seed: int, device: torch.device | str) -> torch.Tensor:
+def dropout_keep_mask(m: int, k: int, p: float, seed: torch.Tensor | int, device: torch.device | str) -> torch.Tensor:
     """The bool ``[m, k]`` keep-mask that the LoRA kernels draw for ``(p, seed)`` (True = kept)."""
     out = torch.empty((m, k), dtype=torch.int8, device=device)
-    _keep_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 64))](out, m, k, int(seed), float(p), BLOCK_M=32, BLOCK_K=64)
+    seed_t = seed_tensor(seed, out.device)
+    _keep_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 64))](out, m, k, seed_t, float(p), BLOCK_M=32, BLOCK_K=64)
     return out.bool()

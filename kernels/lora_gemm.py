@@ -27,6 +27,7 @@ from ._common import (
     mma,
     next_pow2,
     prune_by_m,
+    seed_arg,
     tl_dtype,
     weight_args,
     weight_shape,
@@ -369,7 +370,7 @@ def _lora_dx_kernel(
     K,
     R,
     scaling,
-    seed,
+    seed_ptr,
     p,
     M_BUCKET,
     QUANT: tl.constexpr,
@@ -440,7 +441,7 @@ def _lora_dx_kernel(
     )  # [BR, BK]
     lora = mma(g, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32), PREC, F32) * scaling
     if DROPOUT:
-        keep = tl.rand(seed, offs_m[:, None] * K + offs_k[None, :]) >= p
+        keep = tl.rand(tl.load(seed_ptr), offs_m[:, None] * K + offs_k[None, :]) >= p
         lora = tl.where(keep, lora * (1.0 / (1.0 - p)), 0.0)
     acc += lora
     dx_ptrs = dx_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
@@ -535,7 +536,7 @@ def lora_dx_fused(
     g: torch.Tensor,
     *,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | int = 0,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dx = dy·W0 + s·(g·A) ⊙ keep/(1-p)`` in one kernel.
@@ -561,7 +562,7 @@ def lora_dx_fused(
         g, g.stride(0),
         lora_A, lora_A.stride(0), lora_A.stride(1),
         out, out.stride(0), out.stride(1),
-        m, n, k, r, float(scaling), int(seed), float(dropout_p), m_bucket(m),
+        m, n, k, r, float(scaling), seed_arg(seed, dropout_p, dy), float(dropout_p), m_bucket(m),
         DROPOUT=dropout_p > 0.0, BLOCK_R=next_pow2(r),
         enable_fp_fusion=False, **wconst, **_common_consts(dy),
     )  # fmt: skip

@@ -43,7 +43,7 @@ def lora_linear(
     scaling: float,
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | int = 0,
 ) -> torch.Tensor:
     """``x·W0ᵀ + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ (+ bias)``, on the backend in force.
 

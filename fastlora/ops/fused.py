@@ -20,6 +20,8 @@ M <= ``FUSED_MAX_M``, 0 by default -- see the measurements in bench/NOTES.md):
 
 Saved for backward: x and xa = drop(x)·Aᵀ only (plus W0's own storage, never a dequantised copy).
 Dropout: the keep-mask is Philox ``tl.rand(seed, m·K + k)`` -- regenerated in backward, never stored.
+The seed may be a 1-element integer tensor on the GPU (what :class:`fastlora.LoraLinear` draws): the
+kernels read it from memory, so dropout costs no host sync, no graph break, and captures in a CUDA graph.
 It is a different stream from the reference's ``torch.Generator``, so the masks differ between
 backends for the same seed; each backend is self-consistent between forward and backward.
 """
@@ -41,6 +43,7 @@ from ..kernels import (
     lora_dx_fused,
     lora_fwd_fused,
     lora_up_add,
+    seed_tensor,
 )
 from ..quant import QuantizedWeight
 
@@ -164,13 +167,10 @@ def _dense(w: torch.Tensor | Packed4bit, dtype: torch.dtype) -> torch.Tensor:
     return w
 
 
-def _seed31(seed: int) -> int:
-    return int(seed) & 0x7FFFFFFF
-
-
-def dropout_keep_mask(m: int, k: int, p: float, seed: int, device: torch.device | str) -> torch.Tensor:
-    """The bool ``[m, k]`` keep-mask this backend applies to 2-D ``x [m, k]`` for ``(p, seed)``."""
-    return lora_aux.dropout_keep_mask(m, k, p, _seed31(seed), device)
+def dropout_keep_mask(m: int, k: int, p: float, seed: torch.Tensor | int, device: torch.device | str) -> torch.Tensor:
+    """The bool ``[m, k]`` keep-mask this backend applies to 2-D ``x [m, k]`` for ``(p, seed)``
+    (an int and an int tensor of the same low 31 bits give the same mask)."""
+    return lora_aux.dropout_keep_mask(m, k, p, seed, device)
 
 
 def forward_impl(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
@@ -179,7 +179,6 @@ def forward_impl(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
     r = lora_A.shape[0]
     n = w.shape[0]
     quant = isinstance(w, Packed4bit)
-    seed = _seed31(seed)
     if _use_fused(m):
         splits = down_splits(m, k)
         part, _ = lora_down(x, lora_A, dropout_p=dropout_p, seed=seed, splits=splits)
@@ -217,7 +216,6 @@ def backward_impl(dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_
     dx = dy·W0 (cuBLAS on the dequantised scratch) += s·g·A (``lora_up_add``).
     """
     m = dy.shape[0]
-    seed = _seed31(seed)
     fused_path = _use_fused(m)
     if dropout_p > 0.0 or fused_path:
         g, _, da, db = lora_bwd_aux(dy, x, xa, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed)
@@ -251,7 +249,7 @@ def _fwd_op(
     bias: torch.Tensor | None,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     weight = _weight(w, absmax, absmax2, code2, offset, qmeta)
     with torch.autocast(x.device.type, enabled=False):
@@ -279,7 +277,7 @@ def _bwd_op(
     xa: torch.Tensor,
     scaling: float,
     dropout_p: float,
-    seed: int,
+    seed: torch.Tensor | None,
     needs_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     weight = _weight(w, absmax, absmax2, code2, offset, qmeta)
@@ -299,16 +297,16 @@ def _(dy, x, w, absmax, absmax2, code2, offset, qmeta, lora_A, lora_B, xa, scali
 def _setup_context(ctx, inputs, output):
     x, w, absmax, absmax2, code2, offset, qmeta, lora_A, lora_B, _bias, scaling, dropout_p, seed = inputs
     _, xa = output
-    ctx.save_for_backward(x, w, absmax, absmax2, code2, offset, lora_A, lora_B, xa)
-    ctx.qmeta, ctx.scaling, ctx.dropout_p, ctx.seed = list(qmeta), scaling, dropout_p, seed
+    ctx.save_for_backward(x, w, absmax, absmax2, code2, offset, lora_A, lora_B, xa, seed)
+    ctx.qmeta, ctx.scaling, ctx.dropout_p = list(qmeta), scaling, dropout_p
 
 
 def _backward(ctx, dy, dxa):
-    x, w, absmax, absmax2, code2, offset, lora_A, lora_B, xa = ctx.saved_tensors
+    x, w, absmax, absmax2, code2, offset, lora_A, lora_B, xa, seed = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dx, da, db = torch.ops.fastlora.lora_linear_bwd(
         dy, x, w, absmax, absmax2, code2, offset, ctx.qmeta, lora_A, lora_B, xa,
-        ctx.scaling, ctx.dropout_p, ctx.seed, bool(needs[0]),
+        ctx.scaling, ctx.dropout_p, seed, bool(needs[0]),
     )  # fmt: skip
     dbias = dy.sum(0) if needs[9] else None
     return (
@@ -351,35 +349,38 @@ def lora_linear_fused(
     scaling: float,
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | int = 0,
 ) -> torch.Tensor:
     """``x·W0ᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ (+ bias)`` through the Triton kernels, with autograd.
 
     Same contract as :func:`fastlora.ops.reference.lora_linear_reference` (check :func:`supports`
-    first); the dropout mask is drawn by Philox from ``seed`` (see the module docstring). Under
+    first); the dropout mask is drawn by Philox from ``seed``, an int or a 1-element integer tensor
+    on x's device (read by the kernels, never by the host; see the module docstring). Under
     ``torch.compile`` this calls the ``fastlora::lora_linear_fwd``/``_bwd`` custom ops (no graph
     break); eagerly, an ``autograd.Function`` around the same implementation.
     """
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     n = base.shape[0]
+    # One seed tensor per call (an int seed becomes one; a tensor seed is used in place), or none.
+    seed = seed_tensor(seed, x.device) if dropout_p > 0.0 else None
     if isinstance(base, QuantizedWeight):
         packed = base.packed if base.packed.dtype == torch.uint8 else base.packed.view(torch.uint8)
         offset = base.offset.reshape(1).float() if base.nested else None
         qtype = 0 if base.quant_type == "nf4" else 1
         if not torch.compiler.is_compiling():
             weight = _weight_of(base)
-            y = _LoraLinearFused.apply(x2, weight, lora_A, lora_B, bias, float(scaling), float(dropout_p), int(seed))
+            y = _LoraLinearFused.apply(x2, weight, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed)
             return y.reshape(*x.shape[:-1], n)
         qmeta = [n, k, base.blocksize, base.blocksize2, qtype]
         wt = (packed.reshape(-1), base.absmax, base.absmax2, base.code2, offset)
     else:
         if not torch.compiler.is_compiling():
-            y = _LoraLinearFused.apply(x2, base, lora_A, lora_B, bias, float(scaling), float(dropout_p), int(seed))
+            y = _LoraLinearFused.apply(x2, base, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed)
             return y.reshape(*x.shape[:-1], n)
         qmeta = [n, k, 0, 0, 0]
         wt = (base, None, None, None, None)
     y, _ = torch.ops.fastlora.lora_linear_fwd(
-        x2, *wt, qmeta, lora_A, lora_B, bias, float(scaling), float(dropout_p), int(seed)
+        x2, *wt, qmeta, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed
     )
     return y.reshape(*x.shape[:-1], n)

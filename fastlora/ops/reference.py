@@ -26,15 +26,16 @@ def base_weight_dense(base: BaseWeight, dtype: torch.dtype) -> torch.Tensor:
     return base.to(dtype)
 
 
-def dropout_mask(shape: torch.Size, p: float, seed: int, device: torch.device) -> torch.Tensor:
-    """The fp32 keep mask scaled by 1/(1-p), reproducible from ``seed`` alone."""
+def dropout_mask(shape: torch.Size, p: float, seed: torch.Tensor | int, device: torch.device) -> torch.Tensor:
+    """The fp32 keep mask scaled by 1/(1-p), reproducible from ``seed`` alone (an int, or a
+    1-element integer tensor: read on the host, a sync for a GPU tensor -- the fused path has none)."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
+    gen.manual_seed(int(seed))
     keep = torch.rand(shape, generator=gen, device=device) >= p
     return keep.to(torch.float32) / (1.0 - p)
 
 
-def _drop(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def _drop(x: torch.Tensor, p: float, seed: torch.Tensor | int) -> torch.Tensor:
     if p == 0.0:
         return x
     return (x * dropout_mask(x.shape, p, seed, x.device)).to(x.dtype)
@@ -82,7 +83,7 @@ def lora_linear_reference(
     scaling: float,
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
-    seed: int = 0,
+    seed: torch.Tensor | int = 0,
 ) -> torch.Tensor:
     """``x·W0ᵀ + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ (+ bias)`` with an explicit backward.
 
@@ -93,6 +94,6 @@ def lora_linear_reference(
         scaling: the LoRA scale s.
         bias: ``[N]`` or None.
         dropout_p: dropout on the LoRA branch's input.
-        seed: the dropout mask's seed (ignored when ``dropout_p == 0``).
+        seed: the dropout mask's seed, an int or a 1-element integer tensor (ignored when ``dropout_p == 0``).
     """
     return LoraLinearReference.apply(x, base, bias, lora_A, lora_B, scaling, dropout_p, seed)

@@ -182,7 +182,7 @@ class LoraLinear(nn.Module):
         p = self.dropout if self.training else 0.0
         # The seed is drawn on x's device from torch's RNG (torch.manual_seed makes runs repeatable) and
         # stays a tensor: the fused kernels read it from memory, so dropout needs no host sync (no graph
-        # break under torch.compile, capturable in a CUDA graph). int32, 31 bits: what the kernels use.
+        # break under torch.compile; a prerequisite of CUDA-graph capture). int32, 31 bits, as the kernels use.
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=x.device) if p > 0.0 else 0
         base = self.base_weight()
         if isinstance(base, torch.Tensor):

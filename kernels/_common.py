@@ -380,8 +380,8 @@ def seed_tensor(seed: torch.Tensor | int, device: torch.device) -> torch.Tensor:
     """The dropout seed as the kernels read it: a 1-element int32 tensor on ``device`` holding 31 bits.
 
     The kernels load the seed from memory rather than taking it as a launch argument, so that a seed
-    drawn on the GPU (``torch.randint(..., device="cuda")``) reaches them without a host sync: no
-    graph break under ``torch.compile``, capturable in a CUDA graph. An int32 tensor is used as is;
+    drawn on the GPU (``torch.randint(..., device="cuda")``) reaches them without a host sync (no
+    graph break under ``torch.compile``; a prerequisite of CUDA-graph capture). An int32 tensor is used as is;
     another integer tensor or a Python int is reduced to its low 31 bits (the same mask for both).
     """
     if isinstance(seed, torch.Tensor):

@@ -21,7 +21,7 @@ M <= ``FUSED_MAX_M``, 0 by default -- see the measurements in bench/NOTES.md):
 Saved for backward: x and xa = drop(x)·Aᵀ only (plus W0's own storage, never a dequantised copy).
 Dropout: the keep-mask is Philox ``tl.rand(seed, m·K + k)`` -- regenerated in backward, never stored.
 The seed may be a 1-element integer tensor on the GPU (what :class:`fastlora.LoraLinear` draws): the
-kernels read it from memory, so dropout costs no host sync, no graph break, and captures in a CUDA graph.
+kernels read it from memory, so dropout costs no host sync and no graph break under torch.compile.
 It is a different stream from the reference's ``torch.Generator``, so the masks differ between
 backends for the same seed; each backend is self-consistent between forward and backward.
 """

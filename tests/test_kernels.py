@@ -608,3 +608,36 @@ def test_auto_merge_rule():
     assert _fwd_cat(4096, 14336, 4096, quant=True)
     assert not _fwd_cat(4096, 4096, 14336, quant=True)  # K = 14336 > 2·N: addmm
     assert not _fwd_cat(4096, 4096, 4096, quant=False)  # a dense W0 would be copied
+
+
+@pytest.mark.parametrize("needs_lora", [True, False])
+def test_frozen_lora_backward_skips_dA_dB_and_custom_op_passes_opcheck(needs_lora, monkeypatch):
+    """With A and B frozen (LoRA-GA's gradient estimation) the cuBLAS-path backward computes dx only:
+    two GEMMs (g and dx) instead of four, dx unchanged. Both custom ops (real, fake, autograd through
+    AOT dispatch) pass ``torch.library.opcheck`` with and without the LoRA grads."""
+    fused.set_path("cublas", "addmm")
+    base = _base(72, 40, "nf4-nested", torch.float32)
+    w = fused._weight_of(base)
+    x = torch.randn(6, 40, device=DEV)
+    A, B = torch.randn(8, 40, device=DEV) / 8, torch.randn(72, 8, device=DEV)
+    dy = torch.randn(6, 72, device=DEV)
+    _, xa = fused.forward_impl(x, w, A, B, 0.5, None, 0.0, None)
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or real_mm(*a, **k))
+    dx, da, db = fused.backward_impl(dy, x, w, A, B, xa, 0.5, 0.0, None, True, needs_lora)
+    monkeypatch.undo()
+    assert len(calls) == (4 if needs_lora else 2)
+    assert (da is None and db is None) != needs_lora
+    dense = fused._dense(w, torch.float32)
+    assert relerr(dx, dy @ dense + 0.5 * (dy @ B) @ A) < 1e-5
+    qmeta = [72, 40, base.blocksize, base.blocksize2, 0]
+    packed = base.packed.view(torch.uint8).reshape(-1)
+    args = (dy, x, packed, base.absmax, base.absmax2, base.code2, base.offset.reshape(1).float(), qmeta,
+            A, B, xa, 0.5, 0.0, None, True, needs_lora)  # fmt: skip
+    torch.library.opcheck(torch.ops.fastlora.lora_linear_bwd.default, args)
+    # the forward op with its autograd formula (which calls the backward op), A and B trainable or not
+    xg = x.clone().requires_grad_()
+    Ag, Bg = A.clone().requires_grad_(needs_lora), B.clone().requires_grad_(needs_lora)
+    fwd_args = (xg, *args[2:8], Ag, Bg, None, 0.5, 0.0, None)
+    torch.library.opcheck(torch.ops.fastlora.lora_linear_fwd.default, fwd_args)

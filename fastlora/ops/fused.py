@@ -207,22 +207,30 @@ def forward_impl(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
     return y, xa
 
 
-def backward_impl(dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx=True):
-    """``(dx or None, dA, dB)`` for 2-D ``dy``/``x``.
+def backward_impl(dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx=True, needs_lora=True):
+    """``(dx or None, dA or None, dB or None)`` for 2-D ``dy``/``x``.
 
     cuBLAS path without dropout: g = dy·B, dB = s·dyᵀ·xa and dA = s·gᵀ·x are three cuBLAS calls (on an
     H100 they ran 4-6x faster than the single-pass ``lora_bwd_aux`` kernel at M >= 4096, whose
     per-row-tile programs leave too few blocks in flight and add with atomics); then
-    dx = dy·W0 (cuBLAS on the dequantised scratch) += s·g·A (``lora_up_add``).
+    dx = dy·W0 (cuBLAS on the dequantised scratch) += s·g·A (``lora_up_add``). With frozen A and B
+    (``needs_lora=False``: LoRA-GA's gradient estimation, which only needs dx) dA and dB are not
+    computed on this path -- two GEMMs fewer, each a pass over x or dy.
     """
     m = dy.shape[0]
     fused_path = _use_fused(m)
+    if not (needs_dx or needs_lora):
+        return None, None, None
     if dropout_p > 0.0 or fused_path:
         g, _, da, db = lora_bwd_aux(dy, x, xa, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed)
     else:
         g = torch.mm(dy, lora_B)
-        db = torch.mm(dy.t(), xa).mul_(scaling)
-        da = torch.mm(g.t(), x).mul_(scaling)
+        da = db = None
+        if needs_lora:
+            db = torch.mm(dy.t(), xa).mul_(scaling)
+            da = torch.mm(g.t(), x).mul_(scaling)
+    if not needs_lora:
+        da = db = None
     if not needs_dx:
         return None, da, db
     if fused_path:
@@ -279,18 +287,22 @@ def _bwd_op(
     dropout_p: float,
     seed: torch.Tensor | None,
     needs_dx: bool,
+    needs_lora: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     weight = _weight(w, absmax, absmax2, code2, offset, qmeta)
     with torch.autocast(dy.device.type, enabled=False):
-        dx, da, db = backward_impl(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx)
-    if dx is None:
-        dx = dy.new_empty((0,))
-    return dx, da, db
+        dx, da, db = backward_impl(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx, needs_lora)
+    # A custom op returns tensors (none aliasing another): an empty one stands for "not computed".
+    return tuple(dy.new_empty((0,)) if t is None else t for t in (dx, da, db))
 
 
 @_bwd_op.register_fake
-def _(dy, x, w, absmax, absmax2, code2, offset, qmeta, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx):
+def _(
+    dy, x, w, absmax, absmax2, code2, offset, qmeta, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx, needs_lora
+):
     dx = dy.new_empty((dy.shape[0], qmeta[1]) if needs_dx else (0,))
+    if not needs_lora:
+        return dx, dy.new_empty((0,)), dy.new_empty((0,))
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
@@ -306,7 +318,7 @@ def _backward(ctx, dy, dxa):
     needs = ctx.needs_input_grad
     dx, da, db = torch.ops.fastlora.lora_linear_bwd(
         dy, x, w, absmax, absmax2, code2, offset, ctx.qmeta, lora_A, lora_B, xa,
-        ctx.scaling, ctx.dropout_p, seed, bool(needs[0]),
+        ctx.scaling, ctx.dropout_p, seed, bool(needs[0]), bool(needs[7] or needs[8]),
     )  # fmt: skip
     dbias = dy.sum(0) if needs[9] else None
     return (
@@ -335,8 +347,9 @@ class _LoraLinearFused(torch.autograd.Function):
         needs = ctx.needs_input_grad
         with torch.autocast(dy.device.type, enabled=False):
             dx, da, db = backward_impl(
-                dy, x, ctx.weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, ctx.seed, bool(needs[0])
-            )
+                dy, x, ctx.weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, ctx.seed,
+                bool(needs[0]), bool(needs[2] or needs[3]),
+            )  # fmt: skip
         dbias = dy.sum(0) if needs[4] else None
         return dx, None, da if needs[2] else None, db if needs[3] else None, dbias, None, None, None
 

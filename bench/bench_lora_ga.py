@@ -30,20 +30,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import fresh, llama8b_config, peak_gib, quantize_linears, sync
+from common import fresh, llama8b_config, peak_gib, quantize_linears, sync, token_batches
 
 import fastlora
 from fastlora.estimate import DenseAccumulator, HostAccumulator
 from fastlora.lora_ga import lora_ga_factors
-
-
-def batches_for(n: int, args, vocab: int) -> list[dict]:
-    gen = torch.Generator().manual_seed(1)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (args.batch, args.seq), generator=gen)
-        out.append({"input_ids": ids, "labels": ids})
-    return out
 
 
 def decoder_linears(model) -> dict[str, torch.nn.Module]:
@@ -139,7 +130,7 @@ def run(args) -> dict:
         master = LlamaForCausalLM(cfg).to(torch.bfloat16)
     master = master.cpu().eval()  # the master copy lives in host memory; each arm copies it
     master.requires_grad_(False)
-    data = batches_for(1 + args.iters, args, cfg.vocab_size)
+    data = token_batches(1 + args.iters, args.batch, args.seq, cfg.vocab_size, seed=1)
     res: dict = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke run)",
         "torch": torch.__version__,

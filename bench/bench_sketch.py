@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import GIB, fresh, llama8b_config, peak_gib, quantize_linears, sync
+from common import GIB, fresh, llama8b_config, peak_gib, quantize_linears, sync, token_batches
 
 import fastlora
 from fastlora.sketch import auto_sketch_size
@@ -45,15 +45,6 @@ def clock(device: torch.device, fn):
     return time.perf_counter() - t0, out
 
 
-def make_batches(n: int, batch: int, seq: int, vocab: int, device: torch.device, seed: int = 1) -> list[dict]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
-        out.append({"input_ids": ids, "labels": ids})
-    return out
-
-
 def gpu_check(device: torch.device) -> dict:
     """A full-width sketch on CUDA with bf16 activations reproduces the dense estimate."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -62,7 +53,7 @@ def gpu_check(device: torch.device) -> dict:
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     model = LlamaForCausalLM(cfg).to(device, torch.bfloat16).eval()
-    data = make_batches(3, 2, 128, 512, device)
+    data = token_batches(3, 2, 128, 512, seed=1, device=device)
     dense = fastlora.estimate_gradient(model, data, progress=False)
     out = {}
     for passes in (1, 2):
@@ -125,7 +116,7 @@ def run(args) -> dict:
     model = quantize_linears(model, device).eval()
     model.requires_grad_(False)
     res["build_s"] = time.perf_counter() - t_build
-    data = make_batches(1 + args.iters, args.batch, args.seq, cfg.vocab_size, device)
+    data = token_batches(1 + args.iters, args.batch, args.seq, cfg.vocab_size, seed=1, device=device)
     warm, timed = data[:1], data[1:]
     r, alpha = args.r, 2 * args.r
     base_mem = fresh(device)

@@ -12,6 +12,17 @@ import torch
 GIB = 1024**3
 
 
+def token_batches(n: int, batch: int, seq: int, vocab: int, seed: int, device=None) -> list[dict]:
+    """``n`` causal-LM batches ``{"input_ids", "labels"}`` of random tokens (the same tensor twice),
+    drawn from a CPU generator seeded with ``seed`` (identical on every machine), then moved to ``device``."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
 def llama8b_config(layers: int, tiny: bool = False):
     """Llama-3-8B's shape (hidden 4096, intermediate 14336, 32 heads, 8 KV heads, vocab 128256) with
     ``layers`` decoder layers; ``tiny=True`` gives a small model of the same structure for CPU smoke runs."""

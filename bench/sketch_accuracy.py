@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import token_batches
 
 import fastlora
 from fastlora.estimate import GradientAccumulator
@@ -82,15 +83,6 @@ def text_batches(corpus: torch.Tensor, n: int, batch: int, seq: int, seed: int, 
     for _ in range(n):
         starts = torch.randint(a, b, (batch,), generator=gen)
         ids = torch.stack([corpus[s : s + seq] for s in starts.tolist()])
-        out.append({"input_ids": ids, "labels": ids})
-    return out
-
-
-def random_batches(n: int, batch: int, seq: int, vocab: int, seed: int) -> list[dict]:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (batch, seq), generator=gen)
         out.append({"input_ids": ids, "labels": ids})
     return out
 
@@ -303,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, str(HERE.parent / "tests"))
         from helpers import tiny_llama
 
-        out.append(evaluate("tiny", tiny_llama(), random_batches(args.batches, 2, 16, 96, seed=0), 4, args))
+        out.append(evaluate("tiny", tiny_llama(), token_batches(args.batches, 2, 16, 96, seed=0), 4, args))
     if "small-text" in models or "small-init" in models:
         corpus = text_bytes()
         data = text_batches(corpus, args.batches, 4, 128, seed=7, lo=0.9, hi=1.0)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import llama8b_config, quantize_linears
+from common import llama8b_config, quantize_linears, token_batches
 
 import fastlora
 
@@ -34,8 +34,7 @@ ARMS = ("fastlora-nf4", "peft-bnb-nf4", "fastlora-bf16", "peft-bf16", "fastlora-
 
 
 def make_batches(n: int, batch: int, seq: int, vocab: int, seed: int, device: torch.device) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, vocab, (batch, seq), generator=gen).to(device) for _ in range(n)]
+    return [b["input_ids"] for b in token_batches(n, batch, seq, vocab, seed, device)]
 
 
 class Timer:

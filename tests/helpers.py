@@ -20,6 +20,16 @@ def relerr(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out64 - ref64).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def token_batches(n: int, batch: int = 2, seq: int = 10, vocab: int = 96, seed: int = 0) -> list[dict]:
+    """``n`` causal-LM batches ``{"input_ids", "labels"}`` of random tokens from a generator seeded with ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (batch, seq), generator=g)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
 def tiny_llama(seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 

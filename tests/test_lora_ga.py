@@ -13,22 +13,13 @@ import textwrap
 
 import pytest
 import torch
-from helpers import quantize_model_bnb, relerr, run_two_ranks, tiny_gpt2, tiny_llama
+from helpers import quantize_model_bnb, relerr, run_two_ranks, tiny_gpt2, tiny_llama, token_batches
 
 import fastlora
 from fastlora.estimate import DenseAccumulator, HostAccumulator, outer_fp32
 from fastlora.lora_ga import first_step_alignment, lora_ga_factors, randomized_svd, top_singular
 from fastlora.offload import BlockOffloader, find_blocks
 from fastlora.quant import dequantize, from_bnb
-
-
-def _batches(n: int, batch: int = 2, seq: int = 10, vocab: int = 96, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (batch, seq), generator=g)
-        out.append({"input_ids": ids, "labels": ids})
-    return out
 
 
 def _autograd_grads(model: torch.nn.Module, names: list[str], data: list[dict]) -> dict[str, torch.Tensor]:
@@ -57,7 +48,7 @@ def _logits(model, ids):
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_gpt2])
 def test_estimate_equals_autograd_fp64(builder, patched):
     base = builder().double()
-    data = _batches(3)
+    data = token_batches(3)
     model = fastlora.patch(copy.deepcopy(base), r=2, alpha=4) if patched else copy.deepcopy(base)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     est = fastlora.estimate_gradient(model, data, progress=False)
@@ -75,7 +66,7 @@ def test_estimate_equals_autograd_fp64(builder, patched):
 
 def test_estimate_fp32_and_iters_limit():
     base = tiny_llama()
-    data = _batches(5)
+    data = token_batches(5)
     est = fastlora.estimate_gradient(base, data, iters=2, progress=False)
     ref = _autograd_grads(base, list(est), data[:2])
     assert est.num_batches == 2
@@ -87,7 +78,7 @@ def test_estimate_fp32_and_iters_limit():
 def test_estimate_nf4_equals_gradient_at_dequantized_weights():
     base = tiny_llama()
     q = quantize_model_bnb(base)
-    data = _batches(2)
+    data = token_batches(2)
     # the float model holding exactly the dequantised weights
     deq = copy.deepcopy(base)
     for name, module in q.named_modules():
@@ -105,7 +96,7 @@ def test_estimate_nf4_equals_gradient_at_dequantized_weights():
 
 def test_offload_cpu_gives_identical_estimate():
     base = tiny_llama()
-    data = _batches(3)
+    data = token_batches(3)
     plain = fastlora.estimate_gradient(base, data, progress=False)
     host = fastlora.estimate_gradient(base, data, offload="cpu", progress=False)
     for n in plain:
@@ -114,7 +105,7 @@ def test_offload_cpu_gives_identical_estimate():
 
 def test_block_offload_schedule_and_identical_estimate():
     base = tiny_llama(num_hidden_layers=4)
-    data = _batches(3)
+    data = token_batches(3)
     plain = fastlora.estimate_gradient(base, data, progress=False)
     model = fastlora.patch(copy.deepcopy(base), r=2, alpha=4)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -139,7 +130,7 @@ def test_block_offload_schedule_and_identical_estimate():
 def test_block_offload_refuses_4bit_and_modules_without_blocks():
     q = quantize_model_bnb(tiny_llama())
     with pytest.raises(ValueError, match="float models"):
-        fastlora.estimate_gradient(q, _batches(1), offload="blocks", device="cpu", progress=False)
+        fastlora.estimate_gradient(q, token_batches(1), offload="blocks", device="cpu", progress=False)
     seq = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
     with pytest.raises(ValueError, match="_no_split_modules"):
         fastlora.estimate_gradient(
@@ -189,7 +180,7 @@ def test_estimate_errors():
     with pytest.raises(ValueError, match="labels"):
         fastlora.estimate_gradient(model, [{"input_ids": torch.zeros(2, 3, dtype=torch.long)}], progress=False)
     with pytest.raises(ValueError, match="offload"):
-        fastlora.estimate_gradient(model, _batches(1), offload="disk", progress=False)
+        fastlora.estimate_gradient(model, token_batches(1), offload="disk", progress=False)
 
     # a gradient that overflows in one layer only (its weight is zero, its input huge): the error
     # names that layer
@@ -242,7 +233,7 @@ def test_estimate_custom_loss_and_progress_bar(capsys):
 
 
 def test_gradient_estimate_save_load(tmp_path):
-    est = fastlora.estimate_gradient(tiny_llama(), _batches(1), progress=False)
+    est = fastlora.estimate_gradient(tiny_llama(), token_batches(1), progress=False)
     est.save(tmp_path / "g.safetensors")
     back = fastlora.GradientEstimate.load(tmp_path / "g.safetensors")
     assert back.num_batches == 1 and set(back) == set(est)
@@ -369,7 +360,7 @@ def _principal_cos(U1: torch.Tensor, U2: torch.Tensor) -> float:
 
 def test_randomized_svd_subspaces_match_exact_on_real_gradients():
     base = tiny_llama(hidden_size=128, intermediate_size=256, num_hidden_layers=1)
-    est = fastlora.estimate_gradient(base, _batches(2, seq=16), progress=False)
+    est = fastlora.estimate_gradient(base, token_batches(2, seq=16), progress=False)
     r = 8
     for name, G in est.items():
         Ue, Se, Vhe = top_singular(G, 2 * r, method="exact")
@@ -397,7 +388,7 @@ def test_patch_lora_ga_starts_equal_to_base_float(direction):
     base = tiny_llama()
     ids = torch.randint(0, 96, (2, 12))
     model = fastlora.patch(
-        copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=_batches(2), direction=direction, progress=False
+        copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=token_batches(2), direction=direction, progress=False
     )
     layers = fastlora.lora_layers(model)
     assert all(layer.offset_in_base and layer.lora_A0 is not None for layer in layers.values())
@@ -416,7 +407,7 @@ def test_patch_lora_ga_nf4_frozen_offset_exact_start():
     base = quantize_model_bnb(tiny_llama())
     ids = torch.randint(0, 96, (2, 12))
     packed_before = {n: m.weight.data.clone() for n, m in base.named_modules() if type(m).__name__ == "Linear4bit"}
-    model = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=_batches(2), progress=False)
+    model = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=token_batches(2), progress=False)
     layers = fastlora.lora_layers(model)
     for name, layer in layers.items():
         assert layer.is_quantized and not layer.offset_in_base and layer.lora_A0 is not None
@@ -426,7 +417,7 @@ def test_patch_lora_ga_nf4_frozen_offset_exact_start():
 
 def test_patch_lora_ga_weights_scale_and_precomputed_grads():
     base = tiny_llama()
-    data = _batches(2)
+    data = token_batches(2)
     est = fastlora.estimate_gradient(base, data, progress=False)
     a = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, grads=est, scale="weightS", svd="exact")
     b = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=data, scale="weightS", svd="exact")
@@ -439,7 +430,7 @@ def test_patch_lora_ga_weights_scale_and_precomputed_grads():
 def test_first_step_alignment_with_full_fine_tuning():
     """After GA init one SGD step moves the effective weight along the full-FT step (cos > 0.9)."""
     base = tiny_llama(hidden_size=256, intermediate_size=512, num_hidden_layers=1)
-    data = _batches(2, seq=16)
+    data = token_batches(2, seq=16)
     est = fastlora.estimate_gradient(base, data, progress=False)
     r = 8
 
@@ -478,7 +469,7 @@ def test_saved_delta_loads_in_peft_and_reproduces_trained_logits(tmp_path, quant
         base = quantize_model_bnb(base)
     # PEFT gets a pristine copy: bnb 0.50 on the CPU may repack a 4-bit weight after a forward.
     peft_base = copy.deepcopy(base)
-    data = _batches(3)
+    data = token_batches(3)
     ids = torch.randint(0, 96, (2, 12))
     model = fastlora.patch(
         copy.deepcopy(base), method="lora_ga", r=4, alpha=8, use_rslora=use_rslora, data=data, progress=False
@@ -509,17 +500,17 @@ def test_lora_ga_errors_leave_model_unpatched():
         fastlora.patch(model, method="lora_ga", r=4, alpha=8)
     assert not fastlora.lora_layers(model)
     with pytest.raises(ValueError, match="direction"):
-        fastlora.patch(model, method="lora_ga", r=4, alpha=8, data=_batches(1), direction="BrAr")
+        fastlora.patch(model, method="lora_ga", r=4, alpha=8, data=token_batches(1), direction="BrAr")
     with pytest.raises(ValueError, match="scale"):
-        fastlora.patch(model, method="lora_ga", r=4, alpha=8, data=_batches(1), scale="huge")
+        fastlora.patch(model, method="lora_ga", r=4, alpha=8, data=token_batches(1), scale="huge")
     with pytest.raises(ValueError, match="2r singular vectors"):
-        fastlora.patch(model, method="lora_ga", r=20, alpha=8, data=_batches(1))  # k_proj is 64 -> 32
+        fastlora.patch(model, method="lora_ga", r=20, alpha=8, data=token_batches(1))  # k_proj is 64 -> 32
     with pytest.raises(ValueError, match="grads has no entry"):
         fastlora.patch(model, method="lora_ga", r=4, alpha=8, grads={})
     with pytest.raises(ValueError, match="re-quantise"):
-        fastlora.patch(quantize_model_bnb(base), method="lora_ga", r=4, alpha=8, data=_batches(1), offset="base")
+        fastlora.patch(quantize_model_bnb(base), method="lora_ga", r=4, alpha=8, data=token_batches(1), offset="base")
     with pytest.raises(TypeError):
-        fastlora.patch(model, method="lora_ga", r=4, alpha=8, data=_batches(1), bogus=1)
+        fastlora.patch(model, method="lora_ga", r=4, alpha=8, data=token_batches(1), bogus=1)
     assert not fastlora.lora_layers(model)
     ids = torch.randint(0, 96, (2, 12))
     torch.testing.assert_close(_logits(model, ids), _logits(base, ids), rtol=0, atol=0)
@@ -528,7 +519,7 @@ def test_lora_ga_errors_leave_model_unpatched():
 def test_unpatch_restores_base_and_merge_keeps_function():
     base = tiny_llama()
     ids = torch.randint(0, 96, (2, 12))
-    model = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=_batches(2), progress=False)
+    model = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=token_batches(2), progress=False)
     with torch.no_grad():
         for layer in fastlora.lora_layers(model).values():
             layer.lora_B.add_(0.01 * torch.randn_like(layer.lora_B))  # as if trained
@@ -546,7 +537,7 @@ def test_unpatch_restores_base_and_merge_keeps_function():
 @pytest.mark.gpu
 def test_cuda_host_accumulator_and_block_offload_match_plain():
     base = tiny_llama(num_hidden_layers=4)
-    data = _batches(3)
+    data = token_batches(3)
     plain = fastlora.estimate_gradient(copy.deepcopy(base).cuda(), data, progress=False)
     host = fastlora.estimate_gradient(copy.deepcopy(base).cuda(), data, offload="cpu", progress=False)
     model = fastlora.patch(copy.deepcopy(base), r=2, alpha=4)  # stays in host memory
@@ -565,14 +556,14 @@ def test_cuda_lora_ga_nf4_starts_equal_to_base():
     base = quantize_model_bnb(tiny_llama()).cuda()
     ids = torch.randint(0, 96, (2, 12), device="cuda")
     ref = _logits(base, ids)
-    model = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=_batches(2), progress=False)
+    model = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=token_batches(2), progress=False)
     torch.testing.assert_close(_logits(model, ids), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_resume_from_saved_adapter_keeps_frozen_half(tmp_path, use_rslora):
     base = tiny_llama()
-    data = _batches(3)
+    data = token_batches(3)
     ids = torch.randint(0, 96, (2, 12))
     model = fastlora.patch(
         copy.deepcopy(base), method="lora_ga", r=4, alpha=8, use_rslora=use_rslora, data=data, progress=False
@@ -609,7 +600,7 @@ def test_resume_from_saved_adapter_keeps_frozen_half(tmp_path, use_rslora):
 def test_patch_lora_ga_with_offload_end_to_end(offload):
     base = tiny_llama(num_hidden_layers=3)
     ids = torch.randint(0, 96, (2, 12))
-    data = _batches(2)
+    data = token_batches(2)
     ref = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=data, svd="exact", progress=False)
     model = fastlora.patch(
         copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=data, svd="exact", offload=offload, progress=False

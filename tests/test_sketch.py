@@ -12,22 +12,13 @@ import textwrap
 
 import pytest
 import torch
-from helpers import quantize_model_bnb, relerr, run_two_ranks, tiny_llama
+from helpers import quantize_model_bnb, relerr, run_two_ranks, tiny_llama, token_batches
 
 import fastlora
 import fastlora.sketch as sk
 from fastlora.estimate import _default_targets
 from fastlora.lora_ga import first_step_alignment
 from fastlora.sketch import LowRankGradient, SketchAccumulator, SketchedGradient, auto_sketch_size, mm_wide
-
-
-def _batches(n: int, batch: int = 2, seq: int = 16, vocab: int = 96, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, vocab, (batch, seq), generator=g)
-        out.append({"input_ids": ids, "labels": ids})
-    return out
 
 
 def _shapes(model) -> tuple[dict, dict]:
@@ -52,7 +43,7 @@ def _captured(G: torch.Tensor, U: torch.Tensor, Vh: torch.Tensor) -> float:
 def test_sketch_equals_explicit_products_fp64():
     """Y = A·Ω and W = Ψ·A of the summed gradient, with A = G or Gᵀ (the wider side gets the k side)."""
     model = tiny_llama().double()
-    data = _batches(3)
+    data = token_batches(3, seq=16)
     targets, shapes = _shapes(model)
     dense = fastlora.estimate_gradient(model, data, progress=False, targets=targets)
     acc = SketchAccumulator(shapes, 6, seed=3, dtype=torch.float64, reconstruct=False)
@@ -127,7 +118,7 @@ def test_reconstruction_exact_for_low_rank_gradient(transposed):
 def test_full_width_sketch_is_exact_and_two_pass_too():
     """k = min(out, in): the sketch spans everything, so both passes reproduce G exactly."""
     model = tiny_llama().double()
-    data = _batches(2)
+    data = token_batches(2, seq=16)
     dense = fastlora.estimate_gradient(model, data, progress=False)
     for passes in (1, 2):
         est = fastlora.estimate_gradient(model, data, progress=False, sketch=128, passes=passes)
@@ -143,7 +134,7 @@ def test_sketched_subspaces_and_alignment_on_real_gradient():
     """tests/helpers' tiny Llama at random init on random tokens: flat spectra (the top 2r = 8 hold
     only ~40-70% of the gradient's energy), the hardest case of bench/sketch_accuracy.py."""
     base = tiny_llama()
-    data = _batches(16)
+    data = token_batches(16, seq=16)
     r = 4
     model = fastlora.patch(copy.deepcopy(base), r=r, alpha=2 * r)
     dense = fastlora.estimate_gradient(model, data, progress=False)
@@ -226,7 +217,7 @@ def test_patch_lora_ga_sketched_end_to_end(quantized, passes):
     base = tiny_llama()  # in_features 64 / 128: multiples of bnb's CPU dequant block
     if quantized:
         base = quantize_model_bnb(base)
-    data = _batches(4)
+    data = token_batches(4, seq=16)
     ids = torch.randint(0, 96, (2, 12))
     r = 4
     model = fastlora.patch(
@@ -252,7 +243,7 @@ def test_patch_lora_ga_sketched_end_to_end(quantized, passes):
 
 def test_sketched_init_matches_exact_when_sketch_is_full_width():
     base = tiny_llama()
-    data = _batches(2)
+    data = token_batches(2, seq=16)
     r = 4
     dense = fastlora.estimate_gradient(base, data, progress=False)
     full = fastlora.estimate_gradient(base, data, progress=False, sketch=128)
@@ -267,7 +258,7 @@ def test_sketched_init_matches_exact_when_sketch_is_full_width():
 
 def test_sketch_errors():
     base = tiny_llama()
-    data = _batches(1)
+    data = token_batches(1, seq=16)
     with pytest.raises(ValueError, match="sketch='auto'"):
         fastlora.estimate_gradient(base, data, sketch="auto", progress=False)  # unpatched: no rank to size from
     with pytest.raises(ValueError, match="sketch must be"):

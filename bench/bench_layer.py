@@ -6,7 +6,8 @@ For M in {16, 512, 4096, 16384} × (K, N) in {(4096, 4096), (4096, 14336), (1433
 * ``peft_nf4``   PEFT LoRA on a bitsandbytes ``Linear4bit`` (nf4, double quantisation)
 * ``peft_bf16``  PEFT LoRA on a bf16 ``nn.Linear``
 * ``fl_nf4_*`` / ``fl_bf16_*``  fastlora's op on the same bnb storage / the same bf16 weight, for the
-  automatic choice (``auto``) and each implementation forced (``fused``, ``cublas-cat``, ``cublas-addmm``)
+  automatic choice (``auto``) and each implementation forced (``fused``, ``cublas-cat``, ``cublas-addmm``,
+  ``small``: the small-M 4-bit forward kernel at any M, cuBLAS-path backward; on a bf16 W0 it is ``cublas``)
 
 Forward is timed under ``torch.no_grad()``; forward+backward computes grads of x, A and B (never of W0).
 Times are medians of ``triton.testing.do_bench`` (CUDA events; it clears L2 before every call, and that
@@ -36,7 +37,7 @@ R = 16
 SCALING = 2.0
 MS = (16, 512, 4096, 16384)
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
-VARIANTS = ("auto", "fused", "cublas-cat", "cublas-addmm")
+VARIANTS = ("auto", "fused", "cublas-cat", "cublas-addmm", "small")
 
 
 DEVICE = "cuda"
@@ -221,7 +222,7 @@ def run_shape(m, k, n, variants, log, fused_max_m=1 << 30):
         if isinstance(val, dict) and key not in ("floor", "graph_fwd_ms"):
             val["fwd_x_floor"] = val["fwd_ms"] / fl["fwd_ms"]
             val["fb_x_floor"] = val["fb_ms"] / fl["fb_ms"]
-    if m <= 16 and DEVICE == "cuda":
+    if m <= 64 and DEVICE == "cuda":
         res["graph_fwd_ms"] = graph_fwd(case)
         log(
             "  cuda-graph fwd ms (8 weight sets): "
@@ -247,7 +248,9 @@ def graph_fwd(case: Case, sets: int = 8) -> dict:
         peft = [c.peft(quant) for c in cases]
         out[f"peft_{tag}"] = graph_ms([p[0] for p in peft])
         del peft
-        for v in ("auto", "fused", "cublas-addmm"):
+        for v in ("auto", "fused", "cublas-addmm", "small"):
+            if v == "small" and not quant:
+                continue
             out[f"fl_{tag}_{v}"] = graph_ms([c.fastlora(quant, v)[0] for c in cases])
     del cases
     _empty_cache()

@@ -11,6 +11,8 @@ autotunes one kernel per lookup, the autotune keys include it):
 * ``op_fused`` / ``op_cublas``  the whole forward op (``lora_linear_fused`` under ``no_grad``) on the
   fused path and on the dequantise + cuBLAS path
 * ``mm_bf16``   ``torch.mm(x, W.t())`` with a bf16 W (the floor)
+* ``small``     ``lora_fwd_small`` (the small-M forward) for each of its lookups (``shfl``: the
+  warp-shuffle decoder) and both operand orders (``swap``: yᵀ = W0·xᵀ)
 
 Every forward output is checked against an fp32 reference (relerr < 1e-2). Times: medians of
 ``triton.testing.do_bench`` (L2 cleared before every call). Prints a table, writes JSON to ``--out``.
@@ -107,7 +109,35 @@ def run_shape(n, k, m, lookups, device, gen, bench, failures) -> dict:
         finally:
             fused.set_path("auto")
         row[lk] = r
+    row["small"] = run_small(x, w, B, xa, y_ref, bench, failures, dict(N=n, K=k))
     return row
+
+
+SMALL_LOOKUPS = ("select", "gather", "gather1d", "shfl")
+
+
+def run_small(x, w, B, xa, y_ref, bench, failures, where) -> dict:
+    """``lora_fwd_small`` (the small-M forward: word loads, per-slot products) for every lookup of its
+    own (``shfl`` included) and both operand orders."""
+    from fastlora.kernels import lora_fwd_small
+
+    out = {}
+    for lk in SMALL_LOOKUPS:
+        for swap in (True, False):
+            key = f"{lk}-{'swap' if swap else 'noswap'}"
+
+            def call(lk=lk, swap=swap):
+                return lora_fwd_small(x, w, B, SCALING, xa, swap=swap, lookup=lk)
+
+            try:
+                out[key] = dict(relerr=_relerr(call(), y_ref), ms=bench(call))
+                if not out[key]["relerr"] < TOL:
+                    failures.append(dict(where, small=key, relerr=out[key]["relerr"]))
+            except Exception as exc:  # a variant that does not compile on this Triton: record it, go on
+                lines = str(exc).strip().splitlines()
+                out[key] = dict(error=f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}")
+                failures.append(dict(where, small=key, error=out[key]["error"]))
+    return out
 
 
 def main(argv=None) -> int:
@@ -192,6 +222,14 @@ def main(argv=None) -> int:
             print(f"{row['N']:>6} {row['K']:>6} {lk:>9} | {r['dequant_ms'] * 1e3:>10.1f} {r['dequant_GBps']:>7.0f} "
                   f"{eq:>3} | {r['fwd_kernel_ms'] * 1e3:>11.1f} {r['op_fused_ms'] * 1e3:>11.1f} "
                   f"{r['op_cublas_ms'] * 1e3:>12.1f} | {row['mm_bf16_ms'] * 1e3:>10.1f} {err:>10.2e}")  # fmt: skip
+    print(f"\nlora_fwd_small (M = {args.m}), us (x cuBLAS bf16):")
+    for row in results:
+        cells = []
+        for key, r in row["small"].items():
+            cells.append(
+                f"{key}=ERROR" if "error" in r else f"{key}={r['ms'] * 1e3:.1f} ({r['ms'] / row['mm_bf16_ms']:.2f}x)"
+            )
+        print(f"{row['N']:>6} {row['K']:>6} | " + "  ".join(cells))
     save()
     print(f"wrote {args.out}")
     if failures:

@@ -20,6 +20,7 @@ if [ "${TESTS:-1}" = 1 ]; then
     FASTLORA_TRITON_CONFIG_LORA_FWD="BLOCK_M=64,BLOCK_N=64,BLOCK_K=64,GROUP_M=4,num_warps=4,num_stages=3" \
     FASTLORA_TRITON_CONFIG_LORA_DX="BLOCK_M=64,BLOCK_N=64,BLOCK_K=64,GROUP_M=4,num_warps=4,num_stages=3" \
     FASTLORA_TRITON_CONFIG_DEQUANT="BLOCK_R=16,BLOCK_K=256,num_warps=4,num_stages=2" \
+    FASTLORA_TRITON_CONFIG_LORA_SMALL="BLOCK_N=64,BLOCK_K=128,num_warps=4,num_stages=3" \
     timeout "${TEST_TIMEOUT:-240}" python3 -P -m pytest tests/test_kernels.py -q -p no:cacheprovider --maxfail=5 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25
 fi
 if [ "${BENCH:-1}" = 1 ]; then

@@ -22,7 +22,7 @@ from fastlora.quant import dequantize, quantize_4bit
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-IMPLS = [("fused", "auto"), ("cublas", "cat"), ("cublas", "addmm")]
+IMPLS = [("fused", "auto"), ("cublas", "cat"), ("cublas", "addmm"), ("small", "auto")]
 
 
 @pytest.fixture(autouse=True)
@@ -176,6 +176,82 @@ def test_fused_gemms_lookups_bit_identical(lookup, restore_lookup, poison_empty)
         outs[lk] = (lora_fwd_fused(x, w, B, 0.5, xa, splits=2), lora_dx_fused(dy, w, A, 0.5, xa))
     for a, b in zip(outs["select"], outs[lookup]):
         assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+SMALL_LOOKUPS = ["select", "gather", "gather1d", "shfl"]
+
+
+def _small_case(m, k, n, r, quant_type="nf4", nested=True, blocksize=64, device=DEV):
+    from fastlora.ops.fused import _weight_of
+
+    qw = _base(n, k, f"{quant_type}-nested" if nested else quant_type, torch.bfloat16, device, blocksize)
+    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+    xa = torch.randn(m, r, device=device, dtype=torch.bfloat16)
+    B = torch.randn(n, r, device=device, dtype=torch.bfloat16)
+    bias = torch.randn(n, device=device, dtype=torch.bfloat16)
+    truth = x.double() @ dequantize(qw, torch.bfloat16).double().t() + 0.5 * xa.double() @ B.double().t()
+    return _weight_of(qw), x, xa, B, bias, truth + bias.double()
+
+
+def _small_lookups_agree(case, splits=None):
+    """Every lookup and both operand orders against the truth; lookups bit-identical per order."""
+    from fastlora.kernels import lora_fwd_small
+
+    w, x, xa, B, bias, truth = case
+    for swap in (True, False):
+        outs = {lk: lora_fwd_small(x, w, B, 0.5, xa, bias, swap=swap, lookup=lk, splits=splits) for lk in SMALL_LOOKUPS}
+        for lk, y in outs.items():
+            assert relerr(y, truth) < 1e-2, (swap, lk)
+            assert torch.equal(y.view(torch.int16), outs["select"].view(torch.int16)), (swap, lk)
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "r", "quant_type", "nested", "blocksize"),
+    [(1, 136, 72, 1, "nf4", True, 64), (16, 264, 40, 64, "fp4", False, 32), (33, 392, 130, 8, "nf4", False, 128)],
+)
+def test_small_forward_every_lookup_and_order(m, k, n, r, quant_type, nested, blocksize, poison_empty):
+    """The small-M 4-bit forward (words, per-slot products, split-K) against float64 truth; rows not
+    a multiple of 16, N not of BLOCK_N, K slices not of BLOCK_K."""
+    _small_lookups_agree(_small_case(m, k, n, r, quant_type, nested, blocksize), splits=2)
+
+
+def test_small_forward_noncontiguous_x_and_refusals(poison_empty):
+    from fastlora.kernels import lora_fwd_small, small_supported
+
+    w, x, xa, B, bias, truth = _small_case(5, 128, 40, 8)
+    wide = torch.zeros(5, 256, device=DEV, dtype=torch.bfloat16)
+    wide[:, ::2] = x
+    xs = wide[:, ::2]  # column stride 2
+    assert not xs.is_contiguous() and small_supported(xs, w)
+    assert relerr(lora_fwd_small(xs, w, B, 0.5, xa, bias), truth) < 1e-2
+    assert not small_supported(x.float(), w)  # fp32 activations: the cuBLAS path
+    assert not small_supported(torch.zeros(65, 128, device=DEV, dtype=torch.bfloat16), w)
+    w36 = _small_case(5, 36, 40, 8)[0]  # K % 8 != 0: rows are not whole words
+    assert not small_supported(x[:, :36], w36)
+    with pytest.raises(ValueError, match="unknown 4-bit lookup"):
+        lora_fwd_small(x, w, B, 0.5, xa, lookup="table")
+
+
+def test_small_forward_tables_match_the_select_tree():
+    """The shuffle decoder's constants are bitsandbytes' tables (the same bits as the select tree's)."""
+    from fastlora.kernels import lora_small
+
+    from fastlora.quant import code_table
+
+    for qt, bits in (("nf4", lora_small.NF4_BITS), ("fp4", lora_small.FP4_BITS)):
+        assert code_table(qt).view(torch.int32).tolist() == list(bits)
+
+
+def test_auto_routes_small_m_nf4_forward_to_the_small_kernel(monkeypatch):
+    from fastlora.kernels import lora_small
+
+    calls = []
+    real = fused.lora_fwd_small
+    monkeypatch.setattr(fused, "lora_fwd_small", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    for m in (3, fused.SMALL_MAX_M, fused.SMALL_MAX_M + 1):
+        _check(("auto", "auto"), (m,), 40, 72, 8, "nf4-nested")
+    assert calls == [3, fused.SMALL_MAX_M]
+    assert lora_small.SMALL_MAX_M >= fused.SMALL_MAX_M
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,6 +508,14 @@ def test_gpu_dequant_bit_exact_vs_bitsandbytes(quant_type, nested, blocksize, sh
 )
 def test_gpu_op_vs_float64(impl, kind, m_shape, k, n, r, poison_empty):
     _check(impl, m_shape, k, n, r, kind, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 4096, 4096), (16, 4104, 1000), (64, 14336, 72), (17, 1000, 4096)])
+@pytest.mark.parametrize(("quant_type", "nested", "blocksize"), [("nf4", True, 64), ("fp4", False, 128)])
+def test_gpu_small_forward_every_lookup_and_order(m, k, n, quant_type, nested, blocksize, poison_empty):
+    """On the GPU the "shfl" lookup is the inline-PTX warp-shuffle decoder: bit-identical to the rest."""
+    _small_lookups_agree(_small_case(m, k, n, 16, quant_type, nested, blocksize))
 
 
 @pytest.mark.gpu

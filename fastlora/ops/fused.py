@@ -2,7 +2,7 @@
 
     y = x·W0ᵀ + s·(drop(x)·Aᵀ)·Bᵀ (+ bias)        W0 dense (bf16/fp16/fp32) or bitsandbytes NF4/FP4
 
-Two implementations (``FASTLORA_PATH`` / :func:`set_path` force one; ``auto`` takes ``fused`` for
+Three implementations (``FASTLORA_PATH`` / :func:`set_path` force one; ``auto`` takes ``fused`` for
 M <= ``FUSED_MAX_M``, 0 by default -- see the measurements in bench/NOTES.md):
 
 * ``fused`` (meant for small M: decode, eval) -- W0 is read once per output tile, a 4-bit W0
@@ -17,6 +17,10 @@ M <= ``FUSED_MAX_M``, 0 by default -- see the measurements in bench/NOTES.md):
   activation would cost more bytes than it saves -- the LoRA term is added by ``lora_up_add``
   ("addmm" merge). Without dropout the LoRA-only products of the backward (g = dy·B, dA, dB) and the
   forward's x·Aᵀ in addmm mode are cuBLAS calls: measured faster than the Triton passes at these sizes.
+* ``small`` (the forward at M <= ``SMALL_MAX_M``, 64 by default, on a 4-bit W0; taken by ``auto``)
+  -- ``lora_fwd_small``: the packed codes read as 32-bit words and decoded in registers by warp
+  shuffles, K split over programs, the LoRA term and bias added by the split-K finalize kernel. No
+  dequantised W0 is written. Its backward is the ``cublas`` path's.
 
 Saved for backward: x and xa = drop(x)·Aᵀ only (plus W0's own storage, never a dequantised copy).
 Dropout: the keep-mask is Philox ``tl.rand(seed, m·K + k)`` -- regenerated in backward, never stored.
@@ -42,14 +46,16 @@ from ..kernels import (
     lora_down,
     lora_dx_fused,
     lora_fwd_fused,
+    lora_fwd_small,
     lora_up_add,
     seed_tensor,
+    small_supported,
 )
 from ..quant import QuantizedWeight
 
 __all__ = ["dropout_keep_mask", "lora_linear_fused", "set_path", "supports"]
 
-_PATHS = ("auto", "fused", "cublas")
+_PATHS = ("auto", "fused", "cublas", "small")
 _MERGES = ("auto", "cat", "addmm")
 _path = os.environ.get("FASTLORA_PATH", "auto")
 _merge = os.environ.get("FASTLORA_MERGE", "auto")
@@ -57,10 +63,14 @@ _merge = os.environ.get("FASTLORA_MERGE", "auto")
 # forward at M = 16): dequantise + cuBLAS beat the in-register NF4 kernel 2-2.5x and tied or beat the
 # dense fused kernel, so "auto" uses the cuBLAS path everywhere; FASTLORA_FUSED_MAX_M re-enables it.
 FUSED_MAX_M = int(os.environ.get("FASTLORA_FUSED_MAX_M", "0"))
+# Largest M that takes the small-M 4-bit forward kernel under "auto" (bench/NOTES.md, issue 3 v5).
+SMALL_MAX_M = int(os.environ.get("FASTLORA_SMALL_MAX_M", "64"))
 
 
 def set_path(path: str = "auto", merge: str = "auto") -> None:
-    """Force the implementation: ``path`` in auto|fused|cublas, ``merge`` (cuBLAS path) in auto|cat|addmm."""
+    """Force the implementation: ``path`` in auto|fused|cublas|small, ``merge`` (cuBLAS path) in
+    auto|cat|addmm. ``small`` takes the small-M 4-bit forward kernel wherever it applies (any M up to
+    its limit), ``cublas`` never does."""
     global _path, _merge
     if path not in _PATHS or merge not in _MERGES:
         raise ValueError(f"fastlora: path must be one of {_PATHS} and merge one of {_MERGES}")
@@ -69,6 +79,13 @@ def set_path(path: str = "auto", merge: str = "auto") -> None:
 
 def _use_fused(m: int) -> bool:
     return _path == "fused" or (_path == "auto" and m <= FUSED_MAX_M)
+
+
+def _use_small(x: torch.Tensor, w: torch.Tensor | Packed4bit) -> bool:
+    """The small-M 4-bit forward (``lora_fwd_small``) for this call? Backward is unaffected."""
+    if _path not in ("auto", "small") or not small_supported(x, w):
+        return False
+    return _path == "small" or x.shape[0] <= SMALL_MAX_M
 
 
 def _round8(r: int) -> int:
@@ -187,6 +204,12 @@ def forward_impl(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
         xa = torch.empty((m, r), dtype=x.dtype, device=x.device)
         y = lora_fwd_fused(x, w, lora_B, scaling, part, bias, xa_splits=part.shape[0], xa_out=xa)
         return y, xa
+    if quant and _use_small(x, w):
+        if dropout_p > 0.0:
+            xa, _ = lora_down(x, lora_A, dropout_p=dropout_p, seed=seed)
+        else:
+            xa = torch.mm(x, lora_A.t())
+        return lora_fwd_small(x, w, lora_B, scaling, xa, bias), xa
     if _fwd_cat(m, n, k, quant):
         rp = _round8(r)
         xa, xcat = lora_down(x, lora_A, dropout_p=dropout_p, seed=seed, cat_width=rp, scaling=scaling)

@@ -12,7 +12,9 @@ autotunes one kernel per lookup, the autotune keys include it):
   fused path and on the dequantise + cuBLAS path
 * ``mm_bf16``   ``torch.mm(x, W.t())`` with a bf16 W (the floor)
 * ``small``     ``lora_fwd_small`` (the small-M forward) for each of its lookups (``shfl``: the
-  warp-shuffle decoder) and both operand orders (``swap``: yᵀ = W0·xᵀ)
+  warp-shuffle decoder) and both operand orders (``swap``: yᵀ = W0·xᵀ), with ``torch.mm`` on a bf16
+  W0 and ``lora_fwd_fused`` as baselines -- timed through CUDA graphs over 8 weight sets, since at
+  M = 16 ``do_bench`` measures the host's launch time (``--small-only``: just these)
 
 Every forward output is checked against an fp32 reference (relerr < 1e-2). Times: medians of
 ``triton.testing.do_bench`` (L2 cleared before every call). Prints a table, writes JSON to ``--out``.
@@ -109,34 +111,62 @@ def run_shape(n, k, m, lookups, device, gen, bench, failures) -> dict:
         finally:
             fused.set_path("auto")
         row[lk] = r
-    row["small"] = run_small(x, w, B, xa, y_ref, bench, failures, dict(N=n, K=k))
     return row
 
 
 SMALL_LOOKUPS = ("select", "gather", "gather1d", "shfl")
+GRAPH_SETS = 8  # distinct weights per CUDA graph: together larger than the H100's 50 MB L2
 
 
-def run_small(x, w, B, xa, y_ref, bench, failures, where) -> dict:
-    """``lora_fwd_small`` (the small-M forward: word loads, per-slot products) for every lookup of its
-    own (``shfl`` included) and both operand orders."""
-    from fastlora.kernels import lora_fwd_small
+def run_small(n, k, m, device, gen, failures) -> dict:
+    """``lora_fwd_small`` (the small-M forward) for each of its lookups (``shfl`` included) and both
+    operand orders, against ``torch.mm`` with a bf16 W0 and the fused GEMM (``lora_fwd_fused``).
 
-    out = {}
+    At M = 16 these kernels take 5-50 us of GPU time but a Triton launch costs ~100 us of host time
+    here, so ``do_bench`` would time the host: each figure is the GPU time per call of a CUDA graph of
+    ``GRAPH_SETS`` calls, each on its own weight (so L2 cannot serve the weight bytes)."""
+    from bench_layer import graph_ms
+    from fastlora.kernels import lora_fwd_fused, lora_fwd_small
+
+    from fastlora.ops.fused import _weight_of
+    from fastlora.quant import dequantize, quantize_4bit
+
+    x = torch.randn(m, k, device=device, generator=gen).to(torch.bfloat16)
+    B = (torch.randn(n, R, device=device, generator=gen) * 0.1).to(torch.bfloat16)
+    xa = torch.randn(m, R, device=device, generator=gen).to(torch.bfloat16)
+    ws, dense = [], []
+    for _ in range(GRAPH_SETS if device == "cuda" else 1):
+        qw = quantize_4bit(torch.randn(n, k, device=device, generator=gen) / math.sqrt(k), blocksize=BLOCKSIZE,
+                           quant_type="nf4", compress_statistics=True)  # fmt: skip
+        ws.append(_weight_of(qw))
+        dense.append(dequantize(qw, torch.bfloat16))
+    y_ref = x.float() @ dense[0].float().t() + SCALING * (xa.float() @ B.float().t())
+
+    def timed(make) -> float:
+        if device != "cuda":  # smoke: run once, time nothing meaningful
+            make(0)()
+            return float("nan")
+        return graph_ms([make(i) for i in range(len(ws))])
+
+    out = dict(
+        mm_bf16_ms=timed(lambda i: lambda: torch.mm(x, dense[i].t())),
+        fused_select_ms=timed(lambda i: lambda: lora_fwd_fused(x, ws[i], B, SCALING, xa)),
+    )
     for lk in SMALL_LOOKUPS:
         for swap in (True, False):
             key = f"{lk}-{'swap' if swap else 'noswap'}"
 
-            def call(lk=lk, swap=swap):
-                return lora_fwd_small(x, w, B, SCALING, xa, swap=swap, lookup=lk)
+            def make(i, lk=lk, swap=swap):
+                return lambda: lora_fwd_small(x, ws[i], B, SCALING, xa, swap=swap, lookup=lk)
 
             try:
-                out[key] = dict(relerr=_relerr(call(), y_ref), ms=bench(call))
+                out[key] = dict(relerr=_relerr(make(0)(), y_ref), ms=timed(make))
                 if not out[key]["relerr"] < TOL:
-                    failures.append(dict(where, small=key, relerr=out[key]["relerr"]))
+                    failures.append(dict(N=n, K=k, small=key, relerr=out[key]["relerr"]))
             except Exception as exc:  # a variant that does not compile on this Triton: record it, go on
                 lines = str(exc).strip().splitlines()
                 out[key] = dict(error=f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}")
-                failures.append(dict(where, small=key, error=out[key]["error"]))
+                failures.append(dict(N=n, K=k, small=key, error=out[key]["error"]))
     return out
 
 
@@ -148,6 +178,7 @@ def main(argv=None) -> int:
     ap.add_argument("--m", type=int, default=M, help="rows of x for the forward (default 16)")
     ap.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes: checks the script")
+    ap.add_argument("--small-only", action="store_true", help="only the small-M kernel's variants (CUDA graphs)")
     args = ap.parse_args(argv)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before fastlora.kernels is imported
@@ -198,7 +229,8 @@ def main(argv=None) -> int:
 
     gen = torch.Generator(device=device).manual_seed(0)
     for n, k in shapes:
-        row = run_shape(n, k, args.m, lookups, device, gen, bench, failures)
+        row = {} if args.small_only else run_shape(n, k, args.m, lookups, device, gen, bench, failures)
+        row.update(N=n, K=k, small=run_small(n, k, args.m, device, gen, failures))
         set_nf4_lookup(initial)
         fused.set_path("auto")
         results.append(row)
@@ -211,7 +243,7 @@ def main(argv=None) -> int:
            f"{'op fused us':>11} {'op cublas us':>12} | {'mm bf16 us':>10} {'max relerr':>10}")  # fmt: skip
     print(hdr)
     print("-" * len(hdr))
-    for row in results:
+    for row in results if not args.small_only else []:
         for lk in lookups:
             r = row[lk]
             if "error" in r:
@@ -222,13 +254,15 @@ def main(argv=None) -> int:
             print(f"{row['N']:>6} {row['K']:>6} {lk:>9} | {r['dequant_ms'] * 1e3:>10.1f} {r['dequant_GBps']:>7.0f} "
                   f"{eq:>3} | {r['fwd_kernel_ms'] * 1e3:>11.1f} {r['op_fused_ms'] * 1e3:>11.1f} "
                   f"{r['op_cublas_ms'] * 1e3:>12.1f} | {row['mm_bf16_ms'] * 1e3:>10.1f} {err:>10.2e}")  # fmt: skip
-    print(f"\nlora_fwd_small (M = {args.m}), us (x cuBLAS bf16):")
+    print(f"\nCUDA graphs, GPU us per call (x torch.mm bf16), M = {args.m}: lora_fwd_small variants, lora_fwd_fused")
     for row in results:
-        cells = []
-        for key, r in row["small"].items():
-            cells.append(
-                f"{key}=ERROR" if "error" in r else f"{key}={r['ms'] * 1e3:.1f} ({r['ms'] / row['mm_bf16_ms']:.2f}x)"
-            )
+        sm = row["small"]
+        cells = [f"mm_bf16={sm['mm_bf16_ms'] * 1e3:.1f}", f"fused={sm['fused_select_ms'] * 1e3:.1f}"]
+        for key, r in sm.items():
+            if isinstance(r, dict):
+                cells.append(
+                    f"{key}=ERROR" if "error" in r else f"{key}={r['ms'] * 1e3:.1f} ({r['ms'] / sm['mm_bf16_ms']:.2f}x)"
+                )
         print(f"{row['N']:>6} {row['K']:>6} | " + "  ".join(cells))
     save()
     print(f"wrote {args.out}")

@@ -152,21 +152,22 @@ def run_small(n, k, m, device, gen, failures) -> dict:
         mm_bf16_ms=timed(lambda i: lambda: torch.mm(x, dense[i].t())),
         fused_select_ms=timed(lambda i: lambda: lora_fwd_fused(x, ws[i], B, SCALING, xa)),
     )
-    for lk in SMALL_LOOKUPS:
-        for swap in (True, False):
-            key = f"{lk}-{'swap' if swap else 'noswap'}"
+    variants = [(lk, swap, True) for lk in SMALL_LOOKUPS for swap in (True, False)]
+    variants += [(lk, swap, False) for lk in SMALL_LOOKUPS if lk != "shfl" for swap in (True, False)]
+    for lk, swap, slots in variants:
+        key = f"{lk}-{'swap' if swap else 'noswap'}{'' if slots else '-cols'}"
 
-            def make(i, lk=lk, swap=swap):
-                return lambda: lora_fwd_small(x, ws[i], B, SCALING, xa, swap=swap, lookup=lk)
+        def make(i, lk=lk, swap=swap, slots=slots):
+            return lambda: lora_fwd_small(x, ws[i], B, SCALING, xa, swap=swap, slots=slots, lookup=lk)
 
-            try:
-                out[key] = dict(relerr=_relerr(make(0)(), y_ref), ms=timed(make))
-                if not out[key]["relerr"] < TOL:
-                    failures.append(dict(N=n, K=k, small=key, relerr=out[key]["relerr"]))
-            except Exception as exc:  # a variant that does not compile on this Triton: record it, go on
-                lines = str(exc).strip().splitlines()
-                out[key] = dict(error=f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}")
-                failures.append(dict(N=n, K=k, small=key, error=out[key]["error"]))
+        try:
+            out[key] = dict(relerr=_relerr(make(0)(), y_ref), ms=timed(make))
+            if not out[key]["relerr"] < TOL:
+                failures.append(dict(N=n, K=k, small=key, relerr=out[key]["relerr"]))
+        except Exception as exc:  # a variant that does not compile on this Triton: record it, go on
+            lines = str(exc).strip().splitlines()
+            out[key] = dict(error=f"{type(exc).__name__}: {lines[-1][:300] if lines else ''}")
+            failures.append(dict(N=n, K=k, small=key, error=out[key]["error"]))
     return out
 
 

@@ -152,7 +152,7 @@ def _slot_mma(acc, v, scale, j: tl.constexpr, x_cols, offs_m, m_ok, offs_w, K, s
 
 @triton.autotune(
     configs=make_configs("lora_small", _options(), _INTERP),
-    key=["M_BUCKET", "N", "K", "NESTED", "QTYPE", "BS", "LOOKUP", "SWAP", "DTYPE"],
+    key=["M_BUCKET", "N", "K", "NESTED", "QTYPE", "BS", "LOOKUP", "SWAP", "SLOTS", "DTYPE"],
 )
 @triton.jit
 def _small_fwd_kernel(
@@ -176,6 +176,7 @@ def _small_fwd_kernel(
     BS2: tl.constexpr,
     LOOKUP: tl.constexpr,
     SWAP: tl.constexpr,
+    SLOTS: tl.constexpr,
     DTYPE: tl.constexpr,
     F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -209,15 +210,30 @@ def _small_fwd_kernel(
         # A word's 8 codes share one scale block (K % 8 == 0, blocksize a multiple of 8).
         blk = (offs_n[:, None] * K + offs_w[None, :] * 8) // BS  # [BN, BW]
         scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, w_ok, BS2, NESTED)
-        v0, v1, v2, v3, v4, v5, v6, v7 = _decode8(words, QTYPE, LOOKUP)
-        acc = _slot_mma(acc, v0, scale, 0, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
-        acc = _slot_mma(acc, v1, scale, 1, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
-        acc = _slot_mma(acc, v2, scale, 2, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
-        acc = _slot_mma(acc, v3, scale, 3, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
-        acc = _slot_mma(acc, v4, scale, 4, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
-        acc = _slot_mma(acc, v5, scale, 5, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
-        acc = _slot_mma(acc, v6, scale, 6, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
-        acc = _slot_mma(acc, v7, scale, 7, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
+        if SLOTS:
+            v0, v1, v2, v3, v4, v5, v6, v7 = _decode8(words, QTYPE, LOOKUP)
+            acc = _slot_mma(acc, v0, scale, 0, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
+            acc = _slot_mma(acc, v1, scale, 1, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
+            acc = _slot_mma(acc, v2, scale, 2, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
+            acc = _slot_mma(acc, v3, scale, 3, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
+            acc = _slot_mma(acc, v4, scale, 4, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
+            acc = _slot_mma(acc, v5, scale, 5, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
+            acc = _slot_mma(acc, v6, scale, 6, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
+            acc = _slot_mma(acc, v7, scale, 7, x_cols, offs_m, m_ok, offs_w, K, stride_xk, SWAP, DTYPE, F32)
+        else:
+            # Natural column order: split each word into its 8 codes along a third axis, merge it into
+            # the columns, and take the whole tile in one product.
+            sub = tl.arange(0, 8)  # [8] code slot j: byte j // 2, the even one in the high nibble
+            nib = (words[:, :, None] >> ((sub // 2) * 8 + (1 - sub % 2) * 4)[None, None, :]) & 15  # [BN, BW, 8]
+            nib = tl.reshape(nib, (BLOCK_N, BLOCK_K))  # [BN, BK]
+            full = tl.reshape(tl.broadcast_to(scale[:, :, None], (BLOCK_N, WORDS, 8)), (BLOCK_N, BLOCK_K))
+            w = cast(code_lookup(nib, QTYPE, LOOKUP) * full, DTYPE)  # [BN, BK]
+            offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+            x = tl.load(x_cols + offs_k[:, None] * stride_xk, mask=(offs_k[:, None] < K) & m_ok[None, :], other=0.0)
+            if SWAP:  # noqa: SIM108 (a constexpr branch)
+                acc = mma(w, x, acc, "ieee", F32)
+            else:
+                acc = mma(tl.trans(x), tl.trans(w), acc, "ieee", F32)
 
     base = part_ptr + pid_s * M * N
     if SWAP:
@@ -226,14 +242,17 @@ def _small_fwd_kernel(
         tl.store(base + offs_m[:, None] * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
-def small_lookup(name: str | None = None) -> int:
-    """The ``LOOKUP`` constexpr of this kernel for ``name``: "shfl" (the warp-shuffle decoder) or a key
-    of ``NF4_LOOKUPS``; None means the lookup in force (:func:`fastlora.kernels.set_nf4_lookup`),
-    whose "auto" here is "shfl". Under the interpreter "shfl" becomes the select tree (no PTX there)."""
+def small_lookup(name: str | None = None, slots: bool = True) -> int:
+    """The ``LOOKUP`` constexpr of this kernel for ``name``: "shfl" (the warp-shuffle decoder, whole
+    words: ``slots`` only) or a key of ``NF4_LOOKUPS``; None means the lookup in force
+    (:func:`fastlora.kernels.set_nf4_lookup`), whose "auto" here is "shfl" (with ``slots``, else
+    "gather1d"). Under the interpreter "shfl" becomes the select tree (no PTX there)."""
     name = nf4_lookup() if name is None else name
     if name == "auto":
-        name = "shfl"
+        name = "shfl" if slots else "gather1d"
     if name == "shfl":
+        if not slots:
+            raise ValueError("fastlora.kernels: the shfl lookup decodes whole words (slots=True)")
         return NF4_LOOKUPS["select"] if interpreting() else SHFL
     if name not in NF4_LOOKUPS:
         raise ValueError(f"fastlora.kernels: unknown 4-bit lookup {name!r}; known: shfl, {', '.join(NF4_LOOKUPS)}")
@@ -275,13 +294,16 @@ def lora_fwd_small(
     xa_out: torch.Tensor | None = None,
     splits: int | None = None,
     swap: bool = True,
+    slots: bool = True,
     lookup: str | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``y = x·W0ᵀ + s·(xa·Bᵀ) (+ bias)`` for few rows and a 4-bit W0 (see the module docstring).
 
     Arguments as :func:`fastlora.kernels.lora_fwd_fused` (``xa``/``xa_splits``/``xa_out`` alike), plus
-    ``swap`` (compute yᵀ, the default) and ``lookup`` (see :func:`small_lookup`). Check
+    ``swap`` (compute yᵀ, the default), ``slots`` (eight per-slot products per tile, the default; else
+    the codes are put in column order and the tile is one product) and ``lookup`` (see
+    :func:`small_lookup`; "shfl" needs ``slots``). Check
     :func:`small_supported` first.
     """
     m, k = x.shape
@@ -298,6 +320,7 @@ def lora_fwd_small(
         assert xa.stride(1) == 1
         xa_strides = (0, xa.stride(0))
         xa_out = xa
+    lookup_code = small_lookup(lookup, slots)
     splits = small_splits(m, n, k) if splits is None else splits
     k_split = triton.cdiv(triton.cdiv(k, splits), 256) * 256  # a multiple of every BLOCK_K
     splits = triton.cdiv(k, k_split)
@@ -310,7 +333,7 @@ def lora_fwd_small(
     _small_fwd_kernel[grid](
         x, x.stride(0), x.stride(1), words, *args[4:], part, m, n, k, k_split, bm,
         NESTED=wconst["NESTED"], QTYPE=wconst["QTYPE"], BS=wconst["BS"], BS2=wconst["BS2"],
-        LOOKUP=small_lookup(lookup), SWAP=swap, BLOCK_M=bm, enable_fp_fusion=False, **consts,
+        LOOKUP=lookup_code, SWAP=swap, SLOTS=slots, BLOCK_M=bm, enable_fp_fusion=False, **consts,
     )  # fmt: skip
     bias_arg = bias if bias is not None else x
     fm, fn = 16, 64 if interpreting() else 128

@@ -194,15 +194,21 @@ def _small_case(m, k, n, r, quant_type="nf4", nested=True, blocksize=64, device=
 
 
 def _small_lookups_agree(case, splits=None):
-    """Every lookup and both operand orders against the truth; lookups bit-identical per order."""
+    """Every lookup, both operand orders and both tile orders against the truth; lookups bit-identical
+    for a given order."""
     from fastlora.kernels import lora_fwd_small
 
     w, x, xa, B, bias, truth = case
     for swap in (True, False):
-        outs = {lk: lora_fwd_small(x, w, B, 0.5, xa, bias, swap=swap, lookup=lk, splits=splits) for lk in SMALL_LOOKUPS}
-        for lk, y in outs.items():
-            assert relerr(y, truth) < 1e-2, (swap, lk)
-            assert torch.equal(y.view(torch.int16), outs["select"].view(torch.int16)), (swap, lk)
+        for slots in (True, False):
+            outs = {
+                lk: lora_fwd_small(x, w, B, 0.5, xa, bias, swap=swap, slots=slots, lookup=lk, splits=splits)
+                for lk in SMALL_LOOKUPS
+                if slots or lk != "shfl"
+            }
+            for lk, y in outs.items():
+                assert relerr(y, truth) < 1e-2, (swap, slots, lk)
+                assert torch.equal(y.view(torch.int16), outs["select"].view(torch.int16)), (swap, slots, lk)
 
 
 @pytest.mark.parametrize(
@@ -230,6 +236,8 @@ def test_small_forward_noncontiguous_x_and_refusals(poison_empty):
     assert not small_supported(x[:, :36], w36)
     with pytest.raises(ValueError, match="unknown 4-bit lookup"):
         lora_fwd_small(x, w, B, 0.5, xa, lookup="table")
+    with pytest.raises(ValueError, match="slots=True"):
+        lora_fwd_small(x, w, B, 0.5, xa, lookup="shfl", slots=False)
 
 
 def test_small_forward_tables_match_the_select_tree():

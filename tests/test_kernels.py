@@ -256,10 +256,13 @@ def test_auto_routes_small_m_nf4_forward_to_the_small_kernel(monkeypatch):
     calls = []
     real = fused.lora_fwd_small
     monkeypatch.setattr(fused, "lora_fwd_small", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
-    for m in (3, fused.SMALL_MAX_M, fused.SMALL_MAX_M + 1):
-        _check(("auto", "auto"), (m,), 40, 72, 8, "nf4-nested")
-    assert calls == [3, fused.SMALL_MAX_M]
-    assert lora_small.SMALL_MAX_M >= fused.SMALL_MAX_M
+    assert 1 <= fused.SMALL_MAX_M <= lora_small.SMALL_MAX_M
+    for limit in (fused.SMALL_MAX_M, 16):
+        monkeypatch.setattr(fused, "SMALL_MAX_M", limit)
+        for m in (1, limit, limit + 1):
+            _check(("auto", "auto"), (m,), 40, 72, 8, "nf4-nested")
+            _check(("auto", "auto"), (m,), 40, 72, 8, "dense")  # a bf16 W0 never takes it
+    assert calls == [1, 1, 1, 16]
 
 
 # ------------------------------------------------------------------------------------------------

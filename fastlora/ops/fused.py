@@ -17,7 +17,7 @@ M <= ``FUSED_MAX_M``, 0 by default -- see the measurements in bench/NOTES.md):
   activation would cost more bytes than it saves -- the LoRA term is added by ``lora_up_add``
   ("addmm" merge). Without dropout the LoRA-only products of the backward (g = dy·B, dA, dB) and the
   forward's x·Aᵀ in addmm mode are cuBLAS calls: measured faster than the Triton passes at these sizes.
-* ``small`` (the forward at M <= ``SMALL_MAX_M``, 64 by default, on a 4-bit W0; taken by ``auto``)
+* ``small`` (the forward at M <= ``SMALL_MAX_M``, 1 by default, on a 4-bit W0; taken by ``auto``)
   -- ``lora_fwd_small``: the packed codes read as 32-bit words and decoded in registers by warp
   shuffles, K split over programs, the LoRA term and bias added by the split-K finalize kernel. No
   dequantised W0 is written. Its backward is the ``cublas`` path's.
@@ -63,8 +63,12 @@ _merge = os.environ.get("FASTLORA_MERGE", "auto")
 # forward at M = 16): dequantise + cuBLAS beat the in-register NF4 kernel 2-2.5x and tied or beat the
 # dense fused kernel, so "auto" uses the cuBLAS path everywhere; FASTLORA_FUSED_MAX_M re-enables it.
 FUSED_MAX_M = int(os.environ.get("FASTLORA_FUSED_MAX_M", "0"))
-# Largest M that takes the small-M 4-bit forward kernel under "auto" (bench/NOTES.md, issue 3 v5).
-SMALL_MAX_M = int(os.environ.get("FASTLORA_SMALL_MAX_M", "64"))
+# Largest M that takes the small-M 4-bit forward kernel under "auto". Measured on an H100 (CUDA-graph
+# forward, bench/NOTES.md, v5): at M = 1 it beat dequantise + cuBLAS by 5-13 % at the 14336-wide
+# shapes and tied at 4096x4096; at M = 16 it won one shape, tied one and lost one by 14 %; at M = 64 it
+# was 1.6-1.7x slower. It never allocates the dequantised W0 (FASTLORA_SMALL_MAX_M=16 trades that
+# time for the memory).
+SMALL_MAX_M = int(os.environ.get("FASTLORA_SMALL_MAX_M", "1"))
 
 
 def set_path(path: str = "auto", merge: str = "auto") -> None:

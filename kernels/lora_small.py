@@ -1,12 +1,14 @@
 """Small-M forward on a 4-bit W0: ``y = x·W0ᵀ + s·(xa·Bᵀ) (+ bias)`` for decode / eval batches.
 
-At M <= 64 the forward is bound by reading W0 (N·K/2 bytes of codes), not by FLOPs, so this kernel
+At M <= 64 the forward's floor is reading W0 (N·K/2 bytes of codes), not its FLOPs, so this kernel
 differs from :func:`lora_fwd_fused` in how it touches the weight:
 
-* the packed codes are loaded as **32-bit words** (8 codes each, one ``[BN, BK/8]`` load per tile)
-  and never reordered: the tile product is the sum of eight per-slot products, slot ``j`` pairing
-  code ``j`` of every word with x's columns ``8·word + j`` (x is tiny and read strided from cache).
-  The GEMMs' per-element byte loads read every byte twice and issue eight times as many loads;
+* the packed codes are loaded as **32-bit words** (8 codes each, one ``[BN, BK/8]`` load per tile;
+  the GEMMs' per-element byte loads read every byte twice and issue eight times as many loads).
+  ``slots=True``: the codes are never reordered -- the tile product is the sum of eight per-slot
+  products, slot ``j`` pairing code ``j`` of every word with x's columns ``8·word + j`` (x is tiny and
+  read strided from cache); ``slots=False``: the codes are put in column order and the tile is one
+  product;
 * a code becomes its value by one warp shuffle (``LOOKUP == SHFL``, inline PTX: each lane holds
   ``table[lane % 16]`` and reads lane ``code``), or by :func:`code_lookup`'s select tree / gathers;
 * the product is computed **transposed** (``SWAP``): ``yᵀ[BN, BM] += W0[BN, BW]·xᵀ[BW, BM]``, so the
@@ -15,7 +17,8 @@ differs from :func:`lora_fwd_fused` in how it touches the weight:
   partials, the LoRA term and the bias -- the same epilogue as the split fused forward.
 
 Values are those of :func:`load_w_tile` (``code[q]·scale`` in fp32 rounded once, bit-identical to
-bitsandbytes). Requirements (:func:`small_supported`): ``K % 8 == 0``, a blocksize of at least 8 and
+bitsandbytes). Measured on an H100 (bench/NOTES.md, v5): 2.6-3x faster than the fused GEMM at M = 16
+but ~2.1-2.4x bf16 cuBLAS, latency-bound whatever the lookup or tile order; ``auto`` takes it at M = 1. Requirements (:func:`small_supported`): ``K % 8 == 0``, a blocksize of at least 8 and
 word-aligned packed storage.
 """
 
@@ -276,7 +279,7 @@ def small_supported(x: torch.Tensor, w: torch.Tensor | Packed4bit) -> bool:
 
 def small_splits(m: int, n: int, k: int) -> int:
     """Split-K factor: enough programs for every SM (132 on an H100) with few N tiles, and K slices
-    of at least 512 columns (eight 64-wide steps) so that the software pipeline fills."""
+    of at least 512 columns (two to four steps of BLOCK_K)."""
     if interpreting():
         return 2 if k >= 128 else 1
     return max(1, min(16, k // 512, triton.cdiv(8 * 132, max(1, triton.cdiv(n, 128)))))

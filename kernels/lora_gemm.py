@@ -495,13 +495,7 @@ def lora_fwd_fused(
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     wargs, wconst = weight_args(w)
-    if xa_splits:
-        assert xa_out is not None and xa.dtype == torch.float32
-        xa_strides = (xa.stride(0), 0)
-    else:
-        assert xa.stride(1) == 1
-        xa_strides = (0, xa.stride(0))
-        xa_out = xa
+    xa_strides, xa_out = xa_operand(xa, xa_splits, xa_out)
     splits = fwd_splits(m, k) if splits is None else splits
     k_split = triton.cdiv(triton.cdiv(k, splits), 128) * 128  # a multiple of every BLOCK_K
     splits = triton.cdiv(k, k_split)
@@ -519,13 +513,33 @@ def lora_fwd_fused(
         SPLIT=splits > 1, enable_fp_fusion=False, **wconst, **consts,
     )  # fmt: skip
     if splits > 1:
-        bm, bn = 16, 64 if interpreting() else 128
-        _lora_fwd_finalize_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
-            part, xa, *xa_strides, xa_out, lora_B, lora_B.stride(0), lora_B.stride(1), bias_arg,
-            out, out.stride(0), out.stride(1), m, n, r, float(scaling),
-            SPLITS=splits, BLOCK_M=bm, BLOCK_N=bn, num_warps=4, **consts,
-        )  # fmt: skip
+        finalize_split(part, x, xa, xa_splits, xa_out, lora_B, scaling, bias, out)
     return out
+
+
+def xa_operand(xa: torch.Tensor, xa_splits: int, xa_out: torch.Tensor | None) -> tuple[tuple[int, int], torch.Tensor]:
+    """``((stride_xas, stride_xam), xa_out)`` of the forward kernels' ``xa`` argument: ``[M, r]`` in x's
+    dtype (unit column stride) without splits, else fp32 partials summed into ``xa_out``."""
+    if xa_splits:
+        assert xa_out is not None and xa.dtype == torch.float32
+        return (xa.stride(0), 0), xa_out
+    assert xa.stride(1) == 1
+    return (0, xa.stride(0)), xa
+
+
+def finalize_split(part, x, xa, xa_splits, xa_out, lora_B, scaling, bias, out) -> None:
+    """``out = Σ_s part[s] + s·(xa·Bᵀ) (+ bias)``: the epilogue of a split-K forward (``part``: fp32
+    ``[S, M, N]``; ``xa``/``xa_splits``/``xa_out`` as in :func:`lora_fwd_fused`)."""
+    m, n = out.shape
+    r = lora_B.shape[1]
+    xa_strides, xa_out = xa_operand(xa, xa_splits, xa_out)
+    bm, bn = 16, 64 if interpreting() else 128
+    _lora_fwd_finalize_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn))](
+        part, xa, *xa_strides, xa_out, lora_B, lora_B.stride(0), lora_B.stride(1), bias if bias is not None else x,
+        out, out.stride(0), out.stride(1), m, n, r, float(scaling),
+        SPLITS=part.shape[0], HAS_BIAS=bias is not None, XA_SPLITS=xa_splits, BLOCK_R=next_pow2(r),
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=4, **_common_consts(x),
+    )  # fmt: skip
 
 
 def lora_dx_fused(

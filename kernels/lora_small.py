@@ -37,12 +37,11 @@ from ._common import (
     interpreting,
     make_configs,
     mma,
-    next_pow2,
     nf4_lookup,
     tl_dtype,
     weight_args,
 )
-from .lora_gemm import _lora_fwd_finalize_kernel
+from .lora_gemm import finalize_split
 
 __all__ = ["lora_fwd_small", "small_lookup", "small_splits", "small_supported"]
 
@@ -311,18 +310,10 @@ def lora_fwd_small(
     """
     m, k = x.shape
     n = w.shape[0]
-    r = lora_B.shape[1]
     assert small_supported(x, w) and lora_B.shape[0] == n
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     args, wconst = weight_args(w)
-    if xa_splits:
-        assert xa_out is not None and xa.dtype == torch.float32
-        xa_strides = (xa.stride(0), 0)
-    else:
-        assert xa.stride(1) == 1
-        xa_strides = (0, xa.stride(0))
-        xa_out = xa
     lookup_code = small_lookup(lookup, slots)
     splits = small_splits(m, n, k) if splits is None else splits
     k_split = triton.cdiv(triton.cdiv(k, splits), 256) * 256  # a multiple of every BLOCK_K
@@ -338,12 +329,5 @@ def lora_fwd_small(
         NESTED=wconst["NESTED"], QTYPE=wconst["QTYPE"], BS=wconst["BS"], BS2=wconst["BS2"],
         LOOKUP=lookup_code, SWAP=swap, SLOTS=slots, BLOCK_M=bm, enable_fp_fusion=False, **consts,
     )  # fmt: skip
-    bias_arg = bias if bias is not None else x
-    fm, fn = 16, 64 if interpreting() else 128
-    _lora_fwd_finalize_kernel[(triton.cdiv(m, fm), triton.cdiv(n, fn))](
-        part, xa, *xa_strides, xa_out, lora_B, lora_B.stride(0), lora_B.stride(1), bias_arg,
-        out, out.stride(0), out.stride(1), m, n, r, float(scaling),
-        SPLITS=splits, HAS_BIAS=bias is not None, XA_SPLITS=xa_splits, DTYPE=tl_dtype(x.dtype), PREC="ieee",
-        F32=interpreting(), BLOCK_M=fm, BLOCK_N=fn, BLOCK_R=next_pow2(r), num_warps=4,
-    )  # fmt: skip
+    finalize_split(part, x, xa, xa_splits, xa_out, lora_B, scaling, bias, out)
     return out

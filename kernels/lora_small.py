@@ -305,8 +305,7 @@ def lora_fwd_small(
     Arguments as :func:`fastlora.kernels.lora_fwd_fused` (``xa``/``xa_splits``/``xa_out`` alike), plus
     ``swap`` (compute yᵀ, the default), ``slots`` (eight per-slot products per tile, the default; else
     the codes are put in column order and the tile is one product) and ``lookup`` (see
-    :func:`small_lookup`; "shfl" needs ``slots``). Check
-    :func:`small_supported` first.
+    :func:`small_lookup`; "shfl" needs ``slots``). Check :func:`small_supported` first.
     """
     m, k = x.shape
     n = w.shape[0]

@@ -194,6 +194,14 @@ def dropout_keep_mask(m: int, k: int, p: float, seed: torch.Tensor | int, device
     return lora_aux.dropout_keep_mask(m, k, p, seed, device)
 
 
+def _x_down(x, lora_A, dropout_p, seed) -> torch.Tensor:
+    """``xa = drop(x)·Aᵀ`` in x's dtype: ``lora_down`` under dropout (it applies the mask), else cuBLAS
+    (it reads x at full bandwidth: measured 2.5x faster than ``lora_down`` at M = 4096)."""
+    if dropout_p > 0.0:
+        return lora_down(x, lora_A, dropout_p=dropout_p, seed=seed)[0]
+    return torch.mm(x, lora_A.t())
+
+
 def forward_impl(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
     """``(y, xa)`` for 2-D ``x``; ``w`` dense or :class:`Packed4bit`."""
     m, k = x.shape
@@ -209,10 +217,7 @@ def forward_impl(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
         y = lora_fwd_fused(x, w, lora_B, scaling, part, bias, xa_splits=part.shape[0], xa_out=xa)
         return y, xa
     if quant and _use_small(x, w):
-        if dropout_p > 0.0:
-            xa, _ = lora_down(x, lora_A, dropout_p=dropout_p, seed=seed)
-        else:
-            xa = torch.mm(x, lora_A.t())
+        xa = _x_down(x, lora_A, dropout_p, seed)
         return lora_fwd_small(x, w, lora_B, scaling, xa, bias), xa
     if _fwd_cat(m, n, k, quant):
         rp = _round8(r)
@@ -224,10 +229,7 @@ def forward_impl(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
             wcat[:, k + r :].zero_()
         y = torch.addmm(bias, xcat, wcat.t()) if bias is not None else torch.mm(xcat, wcat.t())
         return y, xa
-    if dropout_p > 0.0:
-        xa, _ = lora_down(x, lora_A, dropout_p=dropout_p, seed=seed)
-    else:  # cuBLAS reads x at full bandwidth (measured 2.5x faster than lora_down at M=4096)
-        xa = torch.mm(x, lora_A.t())
+    xa = _x_down(x, lora_A, dropout_p, seed)
     w0 = _dense(w, x.dtype)
     y = torch.addmm(bias, x, w0.t()) if bias is not None else torch.mm(x, w0.t())
     lora_up_add(y, xa, lora_B.t(), scaling)

@@ -19,6 +19,7 @@ from .estimate import GradientEstimate, estimate_gradient
 from .layer import LoraLinear
 from .patching import lora_layers, patch, register_method, unpatch
 from .quant import QuantizedWeight, dequantize, quantize_4bit
+from .trainer import TrainerMixin
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "GradientEstimate",
     "LoraLinear",
     "QuantizedWeight",
+    "TrainerMixin",
     "__version__",
     "dequantize",
     "estimate_gradient",

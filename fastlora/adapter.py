@@ -8,12 +8,13 @@ in ``rank_pattern`` / ``alpha_pattern``, whose keys PEFT matches as ``(.*\\.)?<k
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
+import secrets
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +30,7 @@ __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter"]
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FROZEN_KEY = "fastlora_frozen_rank"
+CONFIG_DIGEST_KEY = "fastlora_config_sha256"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
@@ -53,14 +55,18 @@ def _base_model_name(model: nn.Module) -> str | None:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Write the model's LoRA layers as a PEFT LoRA adapter directory, atomically.
+    """Write the model's LoRA layers as a PEFT LoRA adapter into the folder ``path``, crash-safe.
 
     ``peft.PeftModel.from_pretrained(base_model, path)`` loads it and reproduces the patched
     model's outputs. Layers carrying a frozen LoRA-GA offset are written as the rank-2r delta to
     the original weights (see :meth:`LoraLinear.export`), so the adapter is plain LoRA.
 
-    The files are written to a temporary directory beside ``path`` and renamed into place, so a
-    crash never leaves a half-written adapter; an existing adapter at ``path`` is replaced.
+    Only ``adapter_model.safetensors`` and ``adapter_config.json`` are written (as PEFT does); other
+    files in the folder are left alone. Each is written to a temp file in the folder, fsynced and
+    renamed over its target, weights first and config last, then the folder is fsynced: at every
+    moment each file is whole, and :func:`load_adapter` reads either the old or the new adapter,
+    whole (a crash between the two renames is rolled forward; see the README's reliability table).
+    Temp files of an earlier save into the same folder that crashed are removed.
 
     Under ``torch.distributed`` only rank 0 writes; the other ranks return at once, without waiting
     for the files (call ``torch.distributed.barrier()`` after this if they read them). A
@@ -71,7 +77,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     Args:
         model: a model patched by :func:`fastlora.patch` or :func:`fastlora.load_adapter`, possibly
             wrapped in DDP or sharded with FSDP2.
-        path: the adapter directory to create or replace.
+        path: the adapter folder (created if missing, with the umask's permissions; ``"."`` is the
+            current folder).
 
     Returns:
         The adapter directory (on every rank).
@@ -121,34 +128,145 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
         "use_dora": False,
     }
 
-    dest = Path(path)
+    dest = _adapter_dir(path, "save_adapter")
     if not is_main_process():
         return dest
     if dest.exists() and not dest.is_dir():
         raise FileExistsError(f"fastlora.save_adapter: {dest} exists and is not a directory")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    dest.mkdir(parents=True, exist_ok=True)  # mode 0o777 & ~umask, like any folder the user makes
+    _remove_stale_temps(dest)
+    config_bytes = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    # The weights are renamed into place first: they carry the digest of the config they belong to,
+    # so that a reader can tell a pair torn by a crash between the two renames (see _read_adapter).
+    metadata[CONFIG_DIGEST_KEY] = hashlib.sha256(config_bytes).hexdigest()
+    weights_tmp = _reserve_temp(dest, WEIGHTS_NAME)
+    config_tmp: Path | None = None
     try:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / "adapter")
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        mode = stat.S_IMODE(weights_tmp.stat().st_mode)  # 0o666 & ~umask: safetensors writes 0o600 files
+        save_file(tensors, str(weights_tmp), metadata=metadata)
+        os.chmod(weights_tmp, mode)
+        _fsync(weights_tmp)
+        config_tmp = _reserve_temp(dest, CONFIG_NAME)
+        with open(config_tmp, "wb") as f:
+            f.write(config_bytes)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(weights_tmp, dest / WEIGHTS_NAME)
+        weights_tmp = None  # from here on the fsynced config temp file is what a reader rolls forward to
+        os.replace(config_tmp, dest / CONFIG_NAME)
+        _fsync(dest)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if weights_tmp is not None:  # nothing renamed yet: the old adapter is whole; drop the temp files
+            for tmp in (weights_tmp, config_tmp):
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
         raise
     return dest
 
 
-def _read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    config_file = path / CONFIG_NAME
-    if not config_file.is_file():
-        raise FileNotFoundError(f"fastlora.load_adapter: {config_file} not found (is {path} a PEFT adapter directory?)")
-    config = json.loads(config_file.read_text())
+def _adapter_dir(path: str | os.PathLike[str], fn: str) -> Path:
+    if not os.fspath(path):
+        raise ValueError(f'fastlora.{fn}: path is empty; pass the adapter folder (e.g. "out/adapter", or "." for here)')
+    return Path(path)
+
+
+# A save's temp files sit beside their targets: ".<target>.<pid>-<random>.fastlora-tmp".
+_TEMP = re.compile(
+    rf"^\.(?P<target>{re.escape(CONFIG_NAME)}|{re.escape(WEIGHTS_NAME)})\.(?P<pid>\d+)-[0-9a-f]+\.fastlora-tmp$"
+)
+
+
+def _reserve_temp(folder: Path, target: str) -> Path:
+    """Create an empty temp file for ``target`` in ``folder`` (mode 0o666 & ~umask, as a plain open)."""
+    while True:
+        tmp = folder / f".{target}.{os.getpid()}-{secrets.token_hex(4)}.fastlora-tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers (a save that raised) are stale by the time we save again
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Finish or clean up earlier saves into ``folder`` that crashed (their process is gone).
+
+    A save killed between its two renames left the new weights beside the old config, and the new
+    config in a temp file: that rename is completed first (roll forward), the rest is removed.
+    """
+    stale = [e for e in folder.iterdir() if (m := _TEMP.match(e.name)) and not _pid_alive(int(m["pid"]))]
+    digest = _weights_config_digest(folder) if stale else None
+    config = folder / CONFIG_NAME
+    for entry in stale:
+        if (
+            digest is not None
+            and entry.name.startswith(f".{CONFIG_NAME}.")
+            and _sha256(entry) == digest
+            and _sha256(config) != digest
+        ):
+            os.replace(entry, config)
+            _fsync(folder)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _sha256(file: Path) -> str | None:
+    try:
+        return hashlib.sha256(file.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _weights_config_digest(folder: Path) -> str | None:
+    """The config digest in ``folder``'s weights file, or None (no file, a PEFT one, unreadable)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(folder / WEIGHTS_NAME), framework="pt") as f:
+            return (f.metadata() or {}).get(CONFIG_DIGEST_KEY)
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's contents to disk (folders: where the OS allows opening them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # e.g. folders on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on folders; the file data itself was synced
+    finally:
+        os.close(fd)
+
+
+def _parse_config(data: bytes, file: Path) -> dict:
+    try:
+        config = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"fastlora.load_adapter: {file} is not valid JSON ({exc}); the file is damaged: save the adapter again "
+            "or restore the file"
+        ) from None
+    if not isinstance(config, dict):
+        raise ValueError(f"fastlora.load_adapter: {file} holds a JSON {type(config).__name__}, not an adapter config")
+    return config
+
+
+def _check_config(config: dict, path: Path) -> dict:
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(
             f"fastlora.load_adapter: {path} is a {config.get('peft_type')!r} adapter; fastlora loads plain LoRA only"
@@ -157,16 +275,65 @@ def _read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(
             f"fastlora.load_adapter: {path} is a DoRA adapter (use_dora=true), which fastlora does not run"
         )
+    return config
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The adapter's tensors and its safetensors metadata (empty for ``adapter_model.bin``)."""
     weights = path / WEIGHTS_NAME
     if weights.is_file():
-        from safetensors.torch import load_file
+        from safetensors import SafetensorError, safe_open
 
-        state = load_file(str(weights))
-    elif (path / "adapter_model.bin").is_file():
-        state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"fastlora.load_adapter: no {WEIGHTS_NAME} (or adapter_model.bin) in {path}")
-    return config, state
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}  # noqa: SIM118 (not a dict)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ValueError(
+                f"fastlora.load_adapter: {weights} is not a readable safetensors file ({exc}); it may be truncated "
+                "(an interrupted copy or download): save or copy the adapter again"
+            ) from None
+    legacy = path / "adapter_model.bin"
+    if legacy.is_file():
+        try:
+            return torch.load(legacy, map_location="cpu", weights_only=True), {}
+        except Exception as exc:
+            raise ValueError(f"fastlora.load_adapter: {legacy} cannot be read ({exc}); it may be damaged") from None
+    raise FileNotFoundError(f"fastlora.load_adapter: no {WEIGHTS_NAME} (or adapter_model.bin) in {path}")
+
+
+def _read_adapter(path: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    """``(config, tensors, metadata)`` of one whole adapter: never the weights of one save with another's config.
+
+    fastlora's weights carry the SHA-256 of the config saved with them. A save killed between its two
+    renames leaves the new weights beside the old config and the new config in its fsynced temp file:
+    that pair is rolled forward to the new adapter. A save running while we read can swap the files
+    between our two reads: then we read again.
+    """
+    config_file = path / CONFIG_NAME
+    for _ in range(3):
+        if not config_file.is_file():
+            raise FileNotFoundError(
+                f"fastlora.load_adapter: {config_file} not found (is {path} a PEFT adapter directory?)"
+            )
+        _check_config(_parse_config(config_file.read_bytes(), config_file), path)  # before reading the weights
+        state, metadata = _read_weights(path)
+        data = config_file.read_bytes()
+        digest = metadata.get(CONFIG_DIGEST_KEY)
+        if digest is None or hashlib.sha256(data).hexdigest() == digest:
+            return _check_config(_parse_config(data, config_file), path), state, metadata
+        for entry in path.iterdir():
+            m = _TEMP.match(entry.name)
+            if m and m["target"] == CONFIG_NAME:
+                try:
+                    pending = entry.read_bytes()
+                except FileNotFoundError:  # a running save renamed it in the meantime
+                    continue
+                if hashlib.sha256(pending).hexdigest() == digest:
+                    return _check_config(_parse_config(pending, entry), path), state, metadata
+    raise ValueError(
+        f"fastlora.load_adapter: {path / WEIGHTS_NAME} and {config_file} come from different saves and the matching "
+        "config is gone; save the adapter again"
+    )
 
 
 def _group(state: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -185,16 +352,9 @@ def _group(state: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, to
     return groups
 
 
-def _frozen_ranks(path: Path) -> dict[str, int]:
+def _frozen_ranks(metadata: dict[str, str]) -> dict[str, int]:
     """``{module: rank of the frozen half}`` recorded by :func:`save_adapter` for LoRA-GA layers."""
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        return {}
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as f:
-        meta = f.metadata() or {}
-    return {k: int(v) for k, v in json.loads(meta.get(FROZEN_KEY, "{}")).items()}
+    return {k: int(v) for k, v in json.loads(metadata.get(FROZEN_KEY, "{}")).items()}
 
 
 def load_adapter(
@@ -220,14 +380,14 @@ def load_adapter(
     Returns:
         ``model``, patched, with the adapter's weights.
     """
-    path = Path(path)
-    config, state = _read_adapter(path)
+    path = _adapter_dir(path, "load_adapter")
+    config, state, metadata = _read_adapter(path)
     groups = _group(state, path)
     use_rslora = bool(config.get("use_rslora", False))
     alpha_default = float(config.get("lora_alpha", config.get("r", 8)))
     alpha_pattern = config.get("alpha_pattern") or {}
     existing = lora_layers(model)
-    frozen = _frozen_ranks(path) if keep_frozen else {}
+    frozen = _frozen_ranks(metadata) if keep_frozen else {}
     specs: dict[str, tuple[int, float]] = {}
     for name, ab in groups.items():
         A, B = ab["A"], ab["B"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import nn
@@ -23,6 +24,34 @@ def base_features(base: nn.Module) -> tuple[int, int]:
     if is_conv1d(base):
         return base.weight.shape[0], base.weight.shape[1]
     return base.in_features, base.out_features
+
+
+def _check_rank(r: object, layer: str, in_features: int, out_features: int) -> int:
+    """``r`` as a Python int, or a ValueError naming the layer (numpy ints accepted; bools are not ranks)."""
+    limit = min(in_features, out_features)
+    valid = not isinstance(r, bool) and hasattr(r, "__index__")
+    if valid:
+        r = operator.index(r)
+    if not valid or not 1 <= r <= limit:
+        raise ValueError(
+            f"fastlora: r={r!r} does not fit layer {layer} ({in_features}->{out_features}); "
+            f"r must be a whole number with 1 <= r <= {limit}"
+        )
+    return r
+
+
+def _check_alpha(alpha: object, layer: str) -> float:
+    """``alpha`` as a float, or a ValueError naming the layer: a positive, finite number."""
+    try:
+        value = float(alpha) if not isinstance(alpha, bool) else math.nan
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"fastlora: alpha={alpha!r} for layer {layer} must be a positive finite number (the update is scaled "
+            "by alpha/r; alpha=r gives scaling 1)"
+        )
+    return value
 
 
 class LoraLinear(nn.Module):
@@ -53,11 +82,8 @@ class LoraLinear(nn.Module):
     ) -> None:
         super().__init__()
         in_features, out_features = base_features(base_layer)
-        if not isinstance(r, int) or r <= 0 or r > min(in_features, out_features):
-            raise ValueError(
-                f"fastlora: r={r} does not fit layer {name or type(base_layer).__name__} "
-                f"({in_features}->{out_features}); choose 1 <= r <= {min(in_features, out_features)}"
-            )
+        r = _check_rank(r, name or type(base_layer).__name__, in_features, out_features)
+        lora_alpha = _check_alpha(lora_alpha, name or type(base_layer).__name__)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"fastlora: dropout must be in [0, 1), got {dropout}")
         self.base_layer = base_layer
@@ -94,6 +120,16 @@ class LoraLinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     # -- base weight access -------------------------------------------------------------------
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, as PEFT's LoRA layer exposes it (model code reads its dtype/device)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (or ``None``)."""
+        return self.base_layer.bias
+
     @property
     def is_quantized(self) -> bool:
         return is_bnb_4bit(self.base_layer)
@@ -170,6 +206,8 @@ class LoraLinear(nn.Module):
         return x.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(self._width_error(x))
         dtype = self._compute_dtype(x)
         lora_A, lora_B = self.lora_A.to(dtype), self.lora_B.to(dtype)
         if self.lora_A0 is not None and not self.offset_in_base:
@@ -188,6 +226,12 @@ class LoraLinear(nn.Module):
         if isinstance(base, torch.Tensor):
             base = base.to(dtype)
         return lora_linear(x.to(dtype), base, lora_A, lora_B, self.scaling, bias, p, seed)
+
+    def _width_error(self, x: torch.Tensor) -> str:
+        return (
+            f"fastlora: layer {self.name or 'LoraLinear'} ({self.in_features}->{self.out_features}) expects inputs "
+            f"of width {self.in_features} in the last dimension, got shape {tuple(x.shape)}"
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -186,8 +186,20 @@ def patch(
         _METHODS[method](model, layers, **method_kwargs)
     except BaseException:
         unpatch(model)
+        _restore_requires_grad(layers.requires_grad_before)
         raise
     return model
+
+
+class _Injected(dict):
+    """``inject``'s result: the new layers by name, plus every parameter's ``requires_grad`` before it."""
+
+    requires_grad_before: list[tuple[nn.Parameter, bool]]
+
+
+def _restore_requires_grad(flags: list[tuple[nn.Parameter, bool]]) -> None:
+    for p, flag in flags:
+        p.requires_grad_(flag)
 
 
 def inject(
@@ -200,34 +212,48 @@ def inject(
 ) -> dict[str, LoraLinear]:
     """Wrap each named layer in a :class:`LoraLinear` of its own ``(r, alpha)``; freeze the rest.
 
-    Every layer is built before the model is touched, so an error (a bad r) leaves it as it was.
+    Every layer is built before the model is touched, so an error (a bad r) leaves it as it was,
+    ``requires_grad`` flags included.
     """
-    layers = {
-        name: LoraLinear(
-            model.get_submodule(name), r, alpha, dropout=dropout, use_rslora=use_rslora, dtype=dtype, name=name
+    before = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        layers = _Injected(
+            (
+                name,
+                LoraLinear(
+                    model.get_submodule(name), r, alpha, dropout=dropout, use_rslora=use_rslora, dtype=dtype, name=name
+                ),
+            )
+            for name, (r, alpha) in specs.items()
         )
-        for name, (r, alpha) in specs.items()
-    }
+    except BaseException:
+        _restore_requires_grad(before)  # LoraLinear freezes its base layer as it is built
+        raise
+    layers.requires_grad_before = before
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+    from .trainer import install_save_pretrained
+
+    install_save_pretrained(model)
     return layers
 
 
-def _merged_base(layer: LoraLinear, dequantize: bool) -> nn.Module:
+def _merged_base(layer: LoraLinear, dequantize: bool, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     base = layer.base_layer
     if layer.is_quantized:
         if not dequantize:
             raise ValueError(
                 f"fastlora: layer {layer.name!r} has a 4-bit base weight; merging into it would re-quantise "
-                "and lose the update. Pass dequantize=True to get a bf16 nn.Linear with the merged weight"
+                "and lose the update. Pass dequantize=True to get an nn.Linear with the merged weight in the layer's "
+                "compute dtype"
             )
         w = layer.dense_base_weight(torch.float32) + layer.delta_weight(torch.float32)
         merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=w.device)
-        merged = merged.to(torch.bfloat16)
+        merged = merged.to(getattr(base, "compute_dtype", None) or dtype)
         with torch.no_grad():
             merged.weight.copy_(w)
             if base.bias is not None:
@@ -249,7 +275,9 @@ def unpatch(model: nn.Module, merge: bool = False, *, dequantize: bool = False) 
         merge: fold ``scaling·B·A`` (minus any frozen LoRA-GA offset term) into the base weight.
             Without ``merge``, a LoRA-GA offset that was subtracted from a float base weight in place
             is added back, so the original weight returns (up to rounding in its dtype).
-        dequantize: needed to merge into a 4-bit base: the layer becomes a bf16 ``nn.Linear``.
+        dequantize: needed to merge into a 4-bit base: the layer becomes an ``nn.Linear`` in the 4-bit
+            layer's ``compute_dtype`` (bitsandbytes' ``bnb_4bit_compute_dtype``), or, where that is unset,
+            in the dtype of the model's other float parameters, so the merged model runs as it did.
 
     Returns:
         ``model``, with the base layers restored (their ``requires_grad`` stays False).
@@ -259,12 +287,26 @@ def unpatch(model: nn.Module, merge: bool = False, *, dequantize: bool = False) 
         quant = [n for n, layer in layers.items() if layer.is_quantized]
         if quant:  # check all first: a refused merge must not leave the model half unpatched
             _merged_base(layers[quant[0]], dequantize=False)
+    dtype = _float_param_dtype(model) if merge and dequantize else torch.bfloat16
     for name, layer in layers.items():
         if not merge and layer.offset_in_base:
             _restore_base_offset(layer)
-        new = _merged_base(layer, dequantize) if merge else layer.base_layer
+        new = _merged_base(layer, dequantize, dtype) if merge else layer.base_layer
         _set_submodule(model, name, new)
+    from .trainer import remove_save_pretrained
+
+    remove_save_pretrained(model)
     return model
+
+
+def _float_param_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype most of the model's float parameters outside the LoRA layers have (bf16 if none)."""
+    lora = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
+    counts: dict[torch.dtype, int] = {}
+    for p in model.parameters():
+        if p.is_floating_point() and id(p) not in lora:
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.bfloat16
 
 
 @torch.no_grad()

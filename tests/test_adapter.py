@@ -5,6 +5,10 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -132,3 +136,102 @@ def test_frozen_offset_exports_rank_2r(tmp_path):
         assert cfg["r"] == 6 and math.isclose(cfg["lora_alpha"], 6 * (math.sqrt(2) if rslora else 2))
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / f"ga{rslora}")).eval()
         torch.testing.assert_close(_logits(pm, ids), _logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def _patched(base, r=2, std=0.05):
+    model = fastlora.patch(copy.deepcopy(base), r=r, alpha=2 * r)
+    _randomise_b(model, std)
+    return model
+
+
+def test_save_leaves_other_files_alone(tmp_path, monkeypatch):
+    """Only the adapter's two files are written; a user's files beside them survive (as with PEFT)."""
+    model = _patched(tiny_llama())
+    dest = tmp_path / "run"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("mine")
+    (dest / "tokenizer").mkdir()
+    fastlora.save_adapter(model, dest)
+    fastlora.save_adapter(model, dest)  # and again, over an existing adapter
+    assert (dest / "notes.txt").read_text() == "mine" and (dest / "tokenizer").is_dir()
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "notes.txt", "tokenizer",
+    ]  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written beside the folder
+    # "." is the current folder: the files go into it, nothing is renamed
+    monkeypatch.chdir(dest)
+    assert fastlora.save_adapter(model, ".") == fastlora.save_adapter(model, ".")
+    assert sorted(p.name for p in dest.iterdir())[:2] == ["adapter_config.json", "adapter_model.safetensors"]
+    with pytest.raises(ValueError, match="path is empty"):
+        fastlora.save_adapter(model, "")
+    with pytest.raises(ValueError, match="path is empty"):
+        fastlora.load_adapter(tiny_llama(), "")
+
+
+def test_save_respects_umask(tmp_path):
+    model = _patched(tiny_llama())
+    old = os.umask(0o022)
+    try:
+        out = fastlora.save_adapter(model, tmp_path / "a" / "b")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
+    for f in out.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_save_survives_sigkill(tmp_path):
+    """Kill a saving process at random points, 40 times: a reader always finds one whole adapter."""
+    worker = os.path.join(os.path.dirname(__file__), "save_kill_worker.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(
+        [sys.executable, worker, str(tmp_path / "ad"), "40", "0"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["problems"] == []
+    assert sum(result["found"]) == 40 and min(result["found"]) > 0  # both adapters were seen, whole
+    assert result["most_temps"] <= 2 and result["left_after"] == []  # leftovers never grow
+
+
+def test_crash_between_renames_rolls_forward(tmp_path, monkeypatch):
+    """The weights of the new save are in place, the config is still the old one: load the new adapter."""
+    import fastlora.adapter as adapter
+
+    base = tiny_llama()
+    ids = torch.randint(0, 96, (2, 6))
+    old_model, new_model = _patched(base, r=2), _patched(base, r=4)
+    dest = tmp_path / "a"
+    fastlora.save_adapter(old_model, dest)
+    real_replace, calls = os.replace, []
+
+    def die_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for a kill: no cleanup of what is already renamed
+        real_replace(src, dst)
+
+    monkeypatch.setattr(adapter.os, "replace", die_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        fastlora.save_adapter(new_model, dest)
+    monkeypatch.undo()
+    assert json.loads((dest / "adapter_config.json").read_text())["r"] == 2  # torn on disk ...
+    loaded = fastlora.load_adapter(copy.deepcopy(base), dest)  # ... but read whole: the new one
+    torch.testing.assert_close(_logits(loaded, ids), _logits(new_model, ids))
+    fastlora.save_adapter(old_model, dest)  # the next save removes the dead save's temp file
+    assert sorted(p.name for p in dest.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_damaged_files_name_the_path(tmp_path):
+    model = _patched(tiny_llama())
+    dest = fastlora.save_adapter(model, tmp_path / "a")
+    weights, config = dest / "adapter_model.safetensors", dest / "adapter_config.json"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{weights}.*truncated"):
+        fastlora.load_adapter(tiny_llama(), dest)
+    weights.write_bytes(data)
+    config.write_text('{"peft_type": "LORA", "r": ')
+    with pytest.raises(ValueError, match=rf"{config} is not valid JSON"):
+        fastlora.load_adapter(tiny_llama(), dest)

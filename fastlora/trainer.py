@@ -1,0 +1,103 @@
+"""Hugging Face ``transformers.Trainer`` integration: checkpoints that are PEFT adapters.
+
+A patched Hugging Face model gets its own ``save_pretrained`` (an instance attribute, removed by
+:func:`fastlora.unpatch`) that writes the PEFT LoRA adapter instead of the whole model, as a
+``PeftModel`` does. ``Trainer`` saves through it, so every checkpoint and ``trainer.save_model()``
+hold ``adapter_config.json`` + ``adapter_model.safetensors``, loadable by :func:`fastlora.load_adapter`
+and ``peft.PeftModel.from_pretrained``.
+
+``Trainer`` resumes a checkpoint by loading a full state dict unless the model is a ``PeftModel``;
+:class:`TrainerMixin` teaches it to load a fastlora adapter checkpoint instead.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from typing import Any
+
+from torch import nn
+
+__all__ = ["TrainerMixin"]
+
+
+def save_pretrained(
+    self: nn.Module,
+    save_directory: str | os.PathLike[str],
+    is_main_process: bool = True,
+    state_dict: dict | None = None,
+    **kwargs: Any,
+) -> None:
+    """Save the LoRA layers as a PEFT adapter in ``save_directory`` (fastlora's override).
+
+    ``state_dict`` (a full model state dict some engines pass) is not needed: the adapter is read
+    from the LoRA layers. ``push_to_hub`` is not supported here; upload the folder afterwards.
+    """
+    from .adapter import save_adapter
+
+    if kwargs.get("push_to_hub"):
+        raise ValueError(
+            "fastlora: save_pretrained(push_to_hub=True) is not supported on a patched model; save, then upload "
+            "the folder with huggingface_hub.upload_folder"
+        )
+    if is_main_process:
+        save_adapter(self, save_directory)
+
+
+def install_save_pretrained(model: nn.Module) -> None:
+    """Give a patched Hugging Face model (one with ``save_pretrained``) the adapter-writing override."""
+    if callable(getattr(model, "save_pretrained", None)) and "save_pretrained" not in vars(model):
+        model.save_pretrained = types.MethodType(save_pretrained, model)
+
+
+def remove_save_pretrained(model: nn.Module) -> None:
+    """Undo :func:`install_save_pretrained` (the class's ``save_pretrained`` applies again)."""
+    attr = vars(model).get("save_pretrained")
+    if isinstance(attr, types.MethodType) and attr.__func__ is save_pretrained:
+        del model.save_pretrained
+
+
+def _is_adapter_dir(path: str | os.PathLike[str] | None) -> bool:
+    from .adapter import CONFIG_NAME
+
+    return path is not None and os.path.isfile(os.path.join(path, CONFIG_NAME))
+
+
+class TrainerMixin:
+    """Mix into ``transformers.Trainer`` (or a subclass such as TRL's ``SFTTrainer``) to resume from
+    fastlora adapter checkpoints::
+
+        class LoraTrainer(fastlora.TrainerMixin, transformers.Trainer):
+            pass
+
+    ``resume_from_checkpoint`` and ``load_best_model_at_end`` then load the adapter into the patched
+    model with :func:`fastlora.load_adapter` (A and B exactly; the optimizer, scheduler and RNG
+    states come from the checkpoint as usual), so a resumed run continues as the uninterrupted one.
+    Checkpoints that are not adapters, or an unpatched model, go to ``Trainer``'s own loading.
+    """
+
+    def _fastlora_model(self, model: nn.Module | None) -> nn.Module | None:
+        from ._dist import unwrap_ddp
+        from .patching import lora_layers
+
+        model = unwrap_ddp(model if model is not None else self.model)
+        return model if lora_layers(model) else None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        target = self._fastlora_model(model)
+        if target is not None and _is_adapter_dir(resume_from_checkpoint):
+            from .adapter import load_adapter
+
+            load_adapter(target, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        target = self._fastlora_model(None)
+        best = self.state.best_model_checkpoint
+        if target is not None and _is_adapter_dir(best):
+            from .adapter import load_adapter
+
+            load_adapter(target, best)
+            return
+        super()._load_best_model()

@@ -7,6 +7,7 @@ download); the task is to continue a fixed repeating token pattern, which a LoRA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import tempfile
 import time
@@ -79,30 +80,34 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.perf_counter() - t0
     loss_after = eval_loss(model)
 
-    out = args.out or Path(tempfile.mkdtemp(prefix="fastlora-demo-")) / "adapter"
-    fastlora.save_adapter(model, out)
-    files = sorted(out.iterdir())
+    with contextlib.ExitStack() as stack:
+        if args.out is None:  # a temp folder, removed when the demo ends (--out keeps the adapter)
+            out = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fastlora-demo-"))) / "adapter"
+        else:
+            out = args.out
+        fastlora.save_adapter(model, out)
+        files = sorted(out.iterdir())
 
-    print()
-    print(f"model            Llama, {config.num_hidden_layers} layers, hidden {config.hidden_size}, random init")
-    print(f"LoRA             r={args.r}, alpha={args.alpha:g}, {len(fastlora.lora_layers(model))} layers patched")
-    print(f"trainable params {n_lora:,} of {n_all:,} ({100 * n_lora / n_all:.2f}%)")
-    print(f"held-out loss    {loss_before:.3f} -> {loss_after:.3f} after {args.steps} steps ({train_s:.1f} s)")
-    print(f"adapter          {out}")
-    for f in files:
-        print(f"                 {f.name} ({f.stat().st_size:,} bytes)")
-    try:
-        from peft import PeftModel
-    except ImportError:
-        print("PEFT reload      skipped: peft is not installed (pip install peft)")
-    else:
-        reloaded = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
-        with torch.no_grad():
-            diff = (reloaded(input_ids=eval_ids).logits - model(input_ids=eval_ids).logits).abs().max().item()
-        print(f"PEFT reload      loss {eval_loss(reloaded):.3f}, max |logit difference| {diff:.2e}")
-        if diff > 1e-4:
-            print("error: the PEFT-loaded adapter does not reproduce the trained model")
-            return 1
+        print()
+        print(f"model            Llama, {config.num_hidden_layers} layers, hidden {config.hidden_size}, random init")
+        print(f"LoRA             r={args.r}, alpha={args.alpha:g}, {len(fastlora.lora_layers(model))} layers patched")
+        print(f"trainable params {n_lora:,} of {n_all:,} ({100 * n_lora / n_all:.2f}%)")
+        print(f"held-out loss    {loss_before:.3f} -> {loss_after:.3f} after {args.steps} steps ({train_s:.1f} s)")
+        print(f"adapter          {out}" + ("" if args.out else " (temporary: pass --out DIR to keep it)"))
+        for f in files:
+            print(f"                 {f.name} ({f.stat().st_size:,} bytes)")
+        try:
+            from peft import PeftModel
+        except ImportError:
+            print("PEFT reload      skipped: peft is not installed (pip install peft)")
+        else:
+            reloaded = PeftModel.from_pretrained(copy.deepcopy(base), str(out)).eval()
+            with torch.no_grad():
+                diff = (reloaded(input_ids=eval_ids).logits - model(input_ids=eval_ids).logits).abs().max().item()
+            print(f"PEFT reload      loss {eval_loss(reloaded):.3f}, max |logit difference| {diff:.2e}")
+            if diff > 1e-4:
+                print("error: the PEFT-loaded adapter does not reproduce the trained model")
+                return 1
     if loss_after >= loss_before:
         print("error: training did not reduce the loss")
         return 1

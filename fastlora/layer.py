@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 
 import torch
@@ -42,10 +43,7 @@ def _check_rank(r: object, layer: str, in_features: int, out_features: int) -> i
 
 def _check_alpha(alpha: object, layer: str) -> float:
     """``alpha`` as a float, or a ValueError naming the layer: a positive, finite number."""
-    try:
-        value = float(alpha) if not isinstance(alpha, bool) else math.nan
-    except (TypeError, ValueError):
-        value = math.nan
+    value = float(alpha) if isinstance(alpha, numbers.Real) and not isinstance(alpha, bool) else math.nan
     if not (math.isfinite(value) and value > 0):
         raise ValueError(
             f"fastlora: alpha={alpha!r} for layer {layer} must be a positive finite number (the update is scaled "

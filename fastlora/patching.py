@@ -181,20 +181,15 @@ def patch(
             f"fastlora: target_modules={target_modules!r} (exclude={exclude!r}) matched no module of "
             f"{type(model).__name__}; its linear layers are: {hint}"
         )
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     layers = inject(model, {name: (r, alpha) for name in names}, dropout=dropout, use_rslora=use_rslora, dtype=dtype)
     try:
         _METHODS[method](model, layers, **method_kwargs)
     except BaseException:
         unpatch(model)
-        _restore_requires_grad(layers.requires_grad_before)
+        _restore_requires_grad(requires_grad)  # a failed patch leaves the model as it was
         raise
     return model
-
-
-class _Injected(dict):
-    """``inject``'s result: the new layers by name, plus every parameter's ``requires_grad`` before it."""
-
-    requires_grad_before: list[tuple[nn.Parameter, bool]]
 
 
 def _restore_requires_grad(flags: list[tuple[nn.Parameter, bool]]) -> None:
@@ -217,19 +212,15 @@ def inject(
     """
     before = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        layers = _Injected(
-            (
-                name,
-                LoraLinear(
-                    model.get_submodule(name), r, alpha, dropout=dropout, use_rslora=use_rslora, dtype=dtype, name=name
-                ),
+        layers = {
+            name: LoraLinear(
+                model.get_submodule(name), r, alpha, dropout=dropout, use_rslora=use_rslora, dtype=dtype, name=name
             )
             for name, (r, alpha) in specs.items()
-        )
+        }
     except BaseException:
         _restore_requires_grad(before)  # LoraLinear freezes its base layer as it is built
         raise
-    layers.requires_grad_before = before
     for p in model.parameters():
         p.requires_grad_(False)
     for name, layer in layers.items():

@@ -111,3 +111,26 @@ def run_two_ranks(worker_source: str, args: list[str], tmp_path: Path, timeout: 
     for p in procs:
         log = p.communicate(timeout=timeout)[0].decode()
         assert p.returncode == 0, log
+
+
+def tiny_t5(seed: int = 0):
+    """A tiny encoder-decoder (T5); call it with ``labels`` (or ``decoder_input_ids``)."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+def tiny_opt(seed: int = 0):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(
+        vocab_size=96, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, word_embed_proj_dim=64,
+    )  # fmt: skip
+    return OPTForCausalLM(cfg).eval()

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from helpers import quantize_model_bnb, tiny_gpt2, tiny_llama
+from helpers import quantize_model_bnb, tiny_gpt2, tiny_llama, tiny_opt, tiny_t5, token_batches
 
 import fastlora
 
@@ -235,3 +235,46 @@ def test_damaged_files_name_the_path(tmp_path):
     config.write_text('{"peft_type": "LORA", "r": ')
     with pytest.raises(ValueError, match=rf"{config} is not valid JSON"):
         fastlora.load_adapter(tiny_llama(), dest)
+
+
+def _seq2seq_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, labels=ids).logits
+
+
+@pytest.mark.parametrize("builder", [tiny_t5, tiny_opt])
+def test_t5_and_opt_patch_train_save_peft_round_trip(tmp_path, builder):
+    """An encoder-decoder (T5 reads ``wo.weight`` in its forward) and OPT: patch, train, save, PEFT loads."""
+    base = builder()
+    ids = torch.randint(1, 96, (2, 10))
+    model = fastlora.patch(copy.deepcopy(base), r=4, alpha=8)
+    torch.testing.assert_close(_seq2seq_logits(model, ids), _seq2seq_logits(base, ids))  # B = 0: the base model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    ours = _seq2seq_logits(model, ids)
+    assert (ours - _seq2seq_logits(base, ids)).abs().max() > 1e-4
+    fastlora.save_adapter(model, tmp_path / "a")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "a")).eval()
+    torch.testing.assert_close(_seq2seq_logits(pm, ids), ours, rtol=1e-5, atol=1e-5)
+    again = fastlora.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    torch.testing.assert_close(_seq2seq_logits(again, ids), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_ga_on_t5(tmp_path):
+    base = tiny_t5()
+    ids = torch.randint(1, 96, (2, 10))
+    data = [{"input_ids": b["input_ids"] + 1, "labels": b["labels"] + 1} for b in token_batches(2, vocab=95)]
+    model = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=2, alpha=4, data=data, iters=2)
+    # at init the patched model equals the base (the offset cancels the initial update)
+    torch.testing.assert_close(_seq2seq_logits(model, ids), _seq2seq_logits(base, ids), rtol=1e-4, atol=1e-4)
+    for layer in fastlora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.02)
+    fastlora.save_adapter(model, tmp_path / "ga")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ga")).eval()
+    torch.testing.assert_close(_seq2seq_logits(pm, ids), _seq2seq_logits(model, ids), rtol=1e-4, atol=1e-4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny_llama
@@ -113,3 +114,66 @@ def test_backend_switch(monkeypatch):
     model = fastlora.patch(copy.deepcopy(tiny_llama()), r=2)
     ids = torch.randint(0, 96, (1, 4))
     assert model(input_ids=ids).logits.isfinite().all()
+
+
+def test_rank_fitting_some_layers_only_changes_nothing():
+    """r=40 fits q_proj (64->64) but not k_proj (64->32): the layers built before the error are undone."""
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"r=40 does not fit layer model\.layers\.0\.self_attn\.k_proj \(64->32\)"):
+        fastlora.patch(model, r=40)
+    assert not fastlora.lora_layers(model) and _same(before, _state(model))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("r", [True, False, np.int64(0), "4", None])
+def test_rank_must_be_a_true_positive_int(r):
+    with pytest.raises(
+        ValueError, match=r"r=.* does not fit layer .*q_proj \(64->64\); r must be a whole number with 1 <= r <= 64"
+    ):
+        fastlora.patch(tiny_llama(), r=r)
+
+
+def test_numpy_rank_accepted():
+    model = fastlora.patch(tiny_llama(), r=np.int64(4), alpha=np.float32(8))
+    layer = model.model.layers[0].self_attn.q_proj
+    assert type(layer.r) is int and layer.r == 4 and layer.lora_A.shape == (4, 64) and layer.scaling == 2.0
+
+
+@pytest.mark.parametrize("alpha", [-8, 0, float("nan"), float("inf"), True, "8"])
+def test_alpha_must_be_positive_finite(alpha):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"alpha=.* for layer model\.layers\.0\.self_attn\.q_proj must be a positive"):
+        fastlora.patch(model, r=2, alpha=alpha)
+    assert not fastlora.lora_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_wrong_input_width_names_layer():
+    model = fastlora.patch(tiny_llama(), r=4)
+    with pytest.raises(
+        ValueError, match=r"layer model\.layers\.0\.mlp\.down_proj \(128->64\) expects inputs of width 128.*\(2, 63\)"
+    ):
+        model.model.layers[0].mlp.down_proj(torch.randn(2, 63))
+
+
+@fastlora.register_method("_test_raises")
+def _init_raises(model, layers, **kwargs):
+    for layer in layers.values():
+        torch.nn.init.normal_(layer.lora_B)
+    raise RuntimeError("init failed")
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "error"), [("_test_raises", {}, RuntimeError), ("lora_ga", {"data": []}, ValueError)]
+)
+def test_failed_init_method_leaves_model_as_it_was(method, kwargs, error):
+    model = tiny_llama()
+    model.model.embed_tokens.weight.requires_grad_(False)  # the user's own choice survives too
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    before = _state(model)
+    structure = [(n, type(m)) for n, m in model.named_modules()]
+    with pytest.raises(error):
+        fastlora.patch(model, method=method, r=2, **kwargs)
+    assert [(n, type(m)) for n, m in model.named_modules()] == structure and _same(before, _state(model))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert "save_pretrained" not in vars(model)

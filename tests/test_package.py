@@ -46,6 +46,18 @@ def test_demo_runs(tmp_path, capsys):
     ]
 
 
+def test_demo_removes_its_temp_folder(tmp_path, monkeypatch, capsys):
+    """Without --out the demo saves into a temp folder and removes it when it ends."""
+    import tempfile
+
+    from fastlora.demo import main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    main(["--steps", "3"])
+    assert "fastlora-demo-" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_public_api_documented():
     for name in fastlora.__all__:
         obj = getattr(fastlora, name)

@@ -48,6 +48,12 @@ def test_patching_twice():
     model = fastlora.patch(tiny_llama(), r=2)
     with pytest.raises(RuntimeError, match=r"already patched.*unpatch"):
         fastlora.patch(model, r=2)
+    # LoraLinear exposes its base's weight/bias (as PEFT's layer does) but is never taken for a linear layer
+    q = model.model.layers[0].self_attn.q_proj
+    assert q.weight is q.base_layer.weight and q.bias is None
+    assert not fastlora.patching.is_supported_linear(q)
+    fastlora.unpatch(model)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
 def test_unknown_method():

@@ -13,7 +13,6 @@ and ``peft.PeftModel.from_pretrained``.
 from __future__ import annotations
 
 import os
-import types
 from typing import Any
 
 from torch import nn
@@ -21,39 +20,55 @@ from torch import nn
 __all__ = ["TrainerMixin"]
 
 
-def save_pretrained(
-    self: nn.Module,
-    save_directory: str | os.PathLike[str],
-    is_main_process: bool = True,
-    state_dict: dict | None = None,
-    **kwargs: Any,
-) -> None:
-    """Save the LoRA layers as a PEFT adapter in ``save_directory`` (fastlora's override).
+class AdapterSavePretrained:
+    """A patched model's ``save_pretrained``: writes the PEFT adapter, as ``PeftModel.save_pretrained`` does.
 
-    ``state_dict`` (a full model state dict some engines pass) is not needed: the adapter is read
-    from the LoRA layers. ``push_to_hub`` is not supported here; upload the folder afterwards.
+    An object rather than a bound method so that the override survives ``copy.deepcopy`` and
+    pickling of the model (a pickled bound method would come back as the class's own).
     """
-    from .adapter import save_adapter
 
-    if kwargs.get("push_to_hub"):
-        raise ValueError(
-            "fastlora: save_pretrained(push_to_hub=True) is not supported on a patched model; save, then upload "
-            "the folder with huggingface_hub.upload_folder"
-        )
-    if is_main_process:
-        save_adapter(self, save_directory)
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __reduce__(self) -> tuple[type, tuple[nn.Module]]:
+        return type(self), (self.model,)
+
+    def __call__(
+        self,
+        save_directory: str | os.PathLike[str],
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Save the LoRA layers as a PEFT adapter in ``save_directory``.
+
+        ``state_dict`` (a full model state dict some engines pass) is not needed: the adapter is
+        read from the LoRA layers. Serialization options do not apply; ``push_to_hub`` is refused.
+        """
+        from .adapter import save_adapter
+
+        if kwargs.get("push_to_hub"):
+            raise ValueError(
+                "fastlora: save_pretrained(push_to_hub=True) is not supported on a patched model; save, then upload "
+                "the folder with huggingface_hub.upload_folder"
+            )
+        if is_main_process:
+            save_adapter(self.model, save_directory)
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers") for c in type(model).__mro__)
 
 
 def install_save_pretrained(model: nn.Module) -> None:
-    """Give a patched Hugging Face model (one with ``save_pretrained``) the adapter-writing override."""
-    if callable(getattr(model, "save_pretrained", None)) and "save_pretrained" not in vars(model):
-        model.save_pretrained = types.MethodType(save_pretrained, model)
+    """Give a patched Hugging Face model the adapter-writing ``save_pretrained`` (an instance attribute)."""
+    if _is_transformers_model(model) and "save_pretrained" not in vars(model):
+        model.save_pretrained = AdapterSavePretrained(model)
 
 
 def remove_save_pretrained(model: nn.Module) -> None:
     """Undo :func:`install_save_pretrained` (the class's ``save_pretrained`` applies again)."""
-    attr = vars(model).get("save_pretrained")
-    if isinstance(attr, types.MethodType) and attr.__func__ is save_pretrained:
+    if isinstance(vars(model).get("save_pretrained"), AdapterSavePretrained):
         del model.save_pretrained
 
 

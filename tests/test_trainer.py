@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -69,6 +70,13 @@ def test_unpatch_gives_back_the_models_own_save_pretrained(tmp_path):
     model = fastlora.patch(tiny_llama(), r=2)
     model.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    # the override follows the model through deepcopy and pickling
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        other.save_pretrained(tmp_path / "other")
+        assert {p.name for p in (tmp_path / "other").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     fastlora.unpatch(model)
     model.save_pretrained(tmp_path / "full")
     assert (tmp_path / "full" / "config.json").is_file() and not (tmp_path / "full" / "adapter_config.json").exists()

@@ -27,11 +27,12 @@ class AdapterSavePretrained:
     pickling of the model (a pickled bound method would come back as the class's own).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, marked_adapters: bool = False) -> None:
         self.model = model
+        self.marked_adapters = marked_adapters  # we set the model's _hf_peft_config_loaded (see install)
 
-    def __reduce__(self) -> tuple[type, tuple[nn.Module]]:
-        return type(self), (self.model,)
+    def __reduce__(self) -> tuple[type, tuple[nn.Module, bool]]:
+        return type(self), (self.model, self.marked_adapters)
 
     def __call__(
         self,
@@ -61,15 +62,28 @@ def _is_transformers_model(model: nn.Module) -> bool:
 
 
 def install_save_pretrained(model: nn.Module) -> None:
-    """Give a patched Hugging Face model the adapter-writing ``save_pretrained`` (an instance attribute)."""
-    if _is_transformers_model(model) and "save_pretrained" not in vars(model):
-        model.save_pretrained = AdapterSavePretrained(model)
+    """Give a patched Hugging Face model the adapter-writing ``save_pretrained`` (an instance attribute).
+
+    A quantized model (``from_pretrained(..., quantization_config=BitsAndBytesConfig(...))``) is also
+    marked as carrying trainable adapters (``_hf_peft_config_loaded``, transformers' flag for its own
+    PEFT integration): ``Trainer`` refuses to train a quantized model without it, and gradient
+    checkpointing then makes the embeddings' output require grad, as it does for PEFT.
+    """
+    if not _is_transformers_model(model) or "save_pretrained" in vars(model):
+        return
+    mark = bool(getattr(model, "is_quantized", False)) and not getattr(model, "_hf_peft_config_loaded", False)
+    if mark:
+        model._hf_peft_config_loaded = True
+    model.save_pretrained = AdapterSavePretrained(model, mark)
 
 
 def remove_save_pretrained(model: nn.Module) -> None:
     """Undo :func:`install_save_pretrained` (the class's ``save_pretrained`` applies again)."""
-    if isinstance(vars(model).get("save_pretrained"), AdapterSavePretrained):
+    hook = vars(model).get("save_pretrained")
+    if isinstance(hook, AdapterSavePretrained):
         del model.save_pretrained
+        if hook.marked_adapters:
+            vars(model).pop("_hf_peft_config_loaded", None)
 
 
 def _is_adapter_dir(path: str | os.PathLike[str] | None) -> bool:

@@ -80,3 +80,25 @@ def test_unpatch_gives_back_the_models_own_save_pretrained(tmp_path):
     fastlora.unpatch(model)
     model.save_pretrained(tmp_path / "full")
     assert (tmp_path / "full" / "config.json").is_file() and not (tmp_path / "full" / "adapter_config.json").exists()
+
+
+def test_trainer_trains_a_bnb_4bit_from_pretrained_model(tmp_path):
+    """QLoRA the transformers way: a 4-bit model from from_pretrained, patched, under Trainer."""
+    pytest.importorskip("bitsandbytes")
+    tiny_llama().save_pretrained(tmp_path / "base")
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=quant, device_map="cpu"
+    )
+    assert model.is_quantized and type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    fastlora.patch(model, r=4, alpha=8)
+    data = [{"input_ids": b["input_ids"][0], "labels": b["labels"][0]} for b in token_batches(8, seq=12)]
+    args = _args(tmp_path / "out", gradient_checkpointing=True)
+    args.max_steps, args.save_steps = 2, 2
+    trainer = LoraTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] > 0
+    names = {p.name for p in (tmp_path / "out" / "checkpoint-2").iterdir()}
+    assert "adapter_model.safetensors" in names and "model.safetensors" not in names
+    fastlora.unpatch(model)
+    assert not getattr(model, "_hf_peft_config_loaded", False)  # the mark goes with the patch

@@ -190,11 +190,13 @@ def _reserve_temp(folder: Path, target: str) -> Path:
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # our own leftovers (a save that raised) are stale by the time we save again
+    if os.name == "nt":
+        return True  # os.kill(pid, 0) would terminate the process there; keep the file
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
+    except OSError:  # e.g. PermissionError: the process exists but is another user's
         return True
     return True
 

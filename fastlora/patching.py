@@ -233,18 +233,18 @@ def inject(
     return layers
 
 
-def _merged_base(layer: LoraLinear, dequantize: bool, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+def _merged_base(layer: LoraLinear, dequantize: bool, dtype: torch.dtype | None = None) -> nn.Module:
     base = layer.base_layer
     if layer.is_quantized:
         if not dequantize:
             raise ValueError(
                 f"fastlora: layer {layer.name!r} has a 4-bit base weight; merging into it would re-quantise "
-                "and lose the update. Pass dequantize=True to get an nn.Linear with the merged weight in the layer's "
-                "compute dtype"
+                "and lose the update. Pass dequantize=True to get an nn.Linear with the merged weight in the model's "
+                "float dtype"
             )
         w = layer.dense_base_weight(torch.float32) + layer.delta_weight(torch.float32)
         merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, device=w.device)
-        merged = merged.to(getattr(base, "compute_dtype", None) or dtype)
+        merged = merged.to(dtype or getattr(base, "compute_dtype", None) or torch.bfloat16)
         with torch.no_grad():
             merged.weight.copy_(w)
             if base.bias is not None:
@@ -266,9 +266,10 @@ def unpatch(model: nn.Module, merge: bool = False, *, dequantize: bool = False) 
         merge: fold ``scaling·B·A`` (minus any frozen LoRA-GA offset term) into the base weight.
             Without ``merge``, a LoRA-GA offset that was subtracted from a float base weight in place
             is added back, so the original weight returns (up to rounding in its dtype).
-        dequantize: needed to merge into a 4-bit base: the layer becomes an ``nn.Linear`` in the 4-bit
-            layer's ``compute_dtype`` (bitsandbytes' ``bnb_4bit_compute_dtype``), or, where that is unset,
-            in the dtype of the model's other float parameters, so the merged model runs as it did.
+        dequantize: needed to merge into a 4-bit base: the layer becomes an ``nn.Linear`` in the dtype
+            of most of the model's other float parameters (embeddings, norms: the dtype activations
+            flow in), so the merged model runs on the inputs it took before; in the 4-bit layer's
+            ``compute_dtype`` (else bf16) for a model without float parameters.
 
     Returns:
         ``model``, with the base layers restored (their ``requires_grad`` stays False).
@@ -278,7 +279,7 @@ def unpatch(model: nn.Module, merge: bool = False, *, dequantize: bool = False) 
         quant = [n for n, layer in layers.items() if layer.is_quantized]
         if quant:  # check all first: a refused merge must not leave the model half unpatched
             _merged_base(layers[quant[0]], dequantize=False)
-    dtype = _float_param_dtype(model) if merge and dequantize else torch.bfloat16
+    dtype = _float_param_dtype(model) if merge and dequantize else None
     for name, layer in layers.items():
         if not merge and layer.offset_in_base:
             _restore_base_offset(layer)
@@ -290,14 +291,14 @@ def unpatch(model: nn.Module, merge: bool = False, *, dequantize: bool = False) 
     return model
 
 
-def _float_param_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype most of the model's float parameters outside the LoRA layers have (bf16 if none)."""
+def _float_param_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype most of the model's float parameters outside the LoRA layers have: the activations' dtype."""
     lora = {id(p) for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)}
     counts: dict[torch.dtype, int] = {}
     for p in model.parameters():
         if p.is_floating_point() and id(p) not in lora:
             counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    return max(counts, key=counts.get) if counts else torch.bfloat16
+    return max(counts, key=counts.get) if counts else None
 
 
 @torch.no_grad()

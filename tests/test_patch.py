@@ -131,21 +131,26 @@ def test_merge_4bit_needs_dequantize():
     assert fastlora.lora_layers(model)  # nothing was unpatched by the refused merge
     merged = fastlora.unpatch(model, merge=True, dequantize=True)
     q = merged.model.layers[0].self_attn.q_proj
-    # The merged layer takes the 4-bit layer's compute dtype (fp32 here), so the fp32 model runs as it did.
+    # The merged layer takes the model's float dtype (fp32 here), so the fp32 model runs as it did.
     assert type(q) is torch.nn.Linear and q.weight.dtype == torch.float32
     with torch.no_grad():
         out = merged(input_ids=ids).logits
     torch.testing.assert_close(out, patched, rtol=1e-4, atol=1e-4)
 
 
-def test_merge_4bit_without_compute_dtype_takes_model_dtype():
-    base = quantize_model_bnb(tiny_llama())
-    for m in base.modules():
-        if type(m).__name__ == "Linear4bit":
-            m.compute_dtype = None
-    model = fastlora.patch(base.to(torch.float16), r=2, alpha=4)
+def test_merge_4bit_takes_the_models_float_dtype():
+    """compute_dtype fp32 (bitsandbytes' default) in an fp16 model: the merged layers are fp16, the model runs."""
+    ids = torch.randint(0, 96, (1, 8))
+    model = fastlora.patch(quantize_model_bnb(tiny_llama()).to(torch.float16), r=2, alpha=4)
+    for layer in fastlora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    with torch.no_grad():
+        patched = model(input_ids=ids).logits
     merged = fastlora.unpatch(model, merge=True, dequantize=True)
     assert merged.model.layers[0].mlp.up_proj.weight.dtype == torch.float16
+    with torch.no_grad():
+        out = merged(input_ids=ids).logits
+    assert (out.float() - patched.float()).norm() / patched.float().norm() < 1e-2
 
 
 def test_pretrained_minilm_bert_encoder():

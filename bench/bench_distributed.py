@@ -41,6 +41,8 @@ os.environ.update(NVLINK_MULTICAST_OFF)
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
@@ -85,6 +87,14 @@ def build(args, quant: str, device: torch.device) -> torch.nn.Module:
     return model.train()
 
 
+@functools.cache
+def _mesh(device_type: str, world: int):
+    """One mesh (one set of communicators) for every FSDP2 arm, not a new NCCL init per arm."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world,))
+
+
 def wrap(model: torch.nn.Module, arm: str, device: torch.device) -> torch.nn.Module:
     import fastlora
 
@@ -94,9 +104,7 @@ def wrap(model: torch.nn.Module, arm: str, device: torch.device) -> torch.nn.Mod
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    mesh = _mesh(device.type, dist.get_world_size())
     if arm == "fsdp2-torch":
         from torch.distributed.fsdp import fully_shard
 
@@ -136,6 +144,7 @@ def lora_grad_norm(model: torch.nn.Module) -> float:
 def run_arm(args, arm: str, quant: str, device: torch.device) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     t_arm = time.perf_counter()
+    gc.collect()  # the previous arm's model (FSDP2 keeps reference cycles) must not count in this peak
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)

@@ -12,10 +12,12 @@ OUT=${OUT:-/tmp/fastlora-out}
 WHL=${WHL:-.whl}
 mkdir -p "$OUT"
 if compgen -G "$WHL/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHL"/*.whl || exit 1
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-dist "$WHL"/*.whl || exit 1
 fi
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/fl . || exit 1
-export PYTHONPATH=/tmp/fl:/tmp/site
+# A folder of its own, replaced: a warm machine may hold another checkout's fastlora in /tmp/fl.
+rm -rf /tmp/fl-dist
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /tmp/fl-dist . || exit 1
+export PYTHONPATH=/tmp/fl-dist:/tmp/site-dist
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
 python3 -c "import torch, triton, transformers, bitsandbytes as b; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'bnb', b.__version__, 'gpus', torch.cuda.device_count())" 2>&1 | tail -1 | tee -a "$OUT/env.txt"
 # One Triton config per kernel: no autotuning (tens of compiles per shape) inside a short lease. The
@@ -32,7 +34,8 @@ fi
 if [ "${BENCH:-1}" = 1 ]; then
     FASTLORA_TRITON_CONFIG_LORA_FWD="BLOCK_M=128,BLOCK_N=128,BLOCK_K=64,GROUP_M=8,num_warps=8,num_stages=3" \
     FASTLORA_TRITON_CONFIG_LORA_DX="BLOCK_M=128,BLOCK_N=128,BLOCK_K=64,GROUP_M=8,num_warps=8,num_stages=3" \
-    timeout "${BENCH_TIMEOUT:-200}" python3 -P bench/bench_distributed.py --gpus 1 2 --layers 8 --warmup 2 --iters 8 \
+    # No -P: the script imports bench/common.py from its own folder (which is not the repo root).
+    timeout "${BENCH_TIMEOUT:-200}" python3 bench/bench_distributed.py --gpus 1 2 --layers 8 --warmup 2 --iters 6 \
         --profile fsdp2-torch fsdp2 --profile-out "$OUT/profile.txt" --json "$OUT/distributed.json" ${BENCH_ARGS:-} \
         2>&1 | tee "$OUT/bench.log" | grep -v '^{' || rc=1
 fi

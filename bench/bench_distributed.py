@@ -11,10 +11,10 @@ double quantisation) base:
 * ``fsdp2-torch`` torch's ``fully_shard`` by hand, per decoder layer + root, as its docs show
   (an NF4 base stored as bf16 first: ``fastlora.quant.set_quant_storage``); everything sharded
 * ``fsdp2``       ``fastlora.fully_shard(base="shard")``: blocks, input embeddings and LM head as
-  separate units (the head kept gathered from forward to backward), explicit prefetch
+  separate units (the head kept gathered from forward to backward), explicit forward prefetch
 * ``fsdp2-keep``  the same with ``reshard_after_forward=False``: one all-gather per block per step
 * ``fsdp2-repl``  ``fastlora.fully_shard(base="replicate")``: the frozen base whole on every GPU,
-  only LoRA sharded (what ``base="auto"`` picks when the base fits)
+  only LoRA sharded
 
 Reported per arm and N: median step time (after warm-up), global tokens/s, tokens/s per GPU, scaling
 efficiency ``tok/s(N) / (N * tok/s(1))`` against the same arm at N=1 and against ``single``, peak
@@ -201,6 +201,7 @@ def profile(args, model, opt, batches, label: str, device: torch.device, steps: 
     Communication is the NCCL (or gloo) kernels' time; the rest is compute. Comparing their sum
     with the step time shows how much communication overlapped.
     """
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -222,13 +223,15 @@ def profile(args, model, opt, batches, label: str, device: torch.device, steps: 
     def device_us(e) -> float:
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
 
-    kernels = [e for e in events if device_us(e) > 0]
+    # Device-side events only (kernels, memcpys): the CPU ops that launched them (aten::mm,
+    # nccl:_all_gather_base, record_param_comms...) carry the same device time a second time.
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and device_us(e) > 0]
     comm = sum(device_us(e) for e in kernels if "nccl" in e.key.lower()) / 1e3 / steps
     total = sum(device_us(e) for e in kernels) / 1e3 / steps
     top = sorted(kernels, key=device_us, reverse=True)[:15]
     lines = [
-        f"== {label}: step {wall_ms:.1f} ms wall (profiled), device busy {total:.1f} ms, of which NCCL {comm:.1f} ms, "
-        f"compute {total - comm:.1f} ms; exposed (wall - compute) {wall_ms - (total - comm):.1f} ms",
+        f"== {label}: step {wall_ms:.1f} ms wall (profiled), kernels {total:.1f} ms, of which NCCL {comm:.1f} ms "
+        f"(including waits for the peer), compute {total - comm:.1f} ms; wall - compute {wall_ms - (total - comm):.1f} ms",
         *(f"   {device_us(e) / 1e3 / steps:8.2f} ms  x{e.count // steps:<5} {e.key[:110]}" for e in top),
     ]
     with open(args.profile_out, "a") as f:

@@ -60,11 +60,7 @@ def unwrap_ddp(model: nn.Module) -> nn.Module:
 
 # -- FSDP2 ---------------------------------------------------------------------------------------------
 
-FSDP_BASES = ("auto", "shard", "replicate")
-# base="auto" keeps the frozen base whole on every GPU when it takes at most this share of one
-# GPU's memory: LoRA trains a few million parameters, so sharding the frozen rest only buys memory,
-# paid for with an all-gather of every layer in forward and again in backward.
-AUTO_REPLICATE_SHARE = 0.25
+FSDP_BASES = ("shard", "replicate")
 
 
 def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -82,26 +78,10 @@ def _decoder_blocks(model: nn.Module) -> list[nn.Module]:
     return best
 
 
-def _frozen_bytes(model: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
-
-
-def _resolve_base(model: nn.Module, base: str) -> str:
-    if base not in FSDP_BASES:
-        raise ValueError(f"fastlora.fully_shard: base must be one of {', '.join(FSDP_BASES)}, got {base!r}")
-    if base != "auto":
-        return base
-    device = next(model.parameters()).device
-    if device.type != "cuda":
-        return "shard"
-    budget = AUTO_REPLICATE_SHARE * torch.cuda.get_device_properties(device).total_memory
-    return "replicate" if _frozen_bytes(model) <= budget else "shard"
-
-
 def fully_shard(
     model: nn.Module,
     *,
-    base: str = "auto",
+    base: str = "shard",
     reshard_after_forward: bool = True,
     mesh: DeviceMesh | None = None,
     mp_policy: MixedPrecisionPolicy | None = None,
@@ -112,8 +92,8 @@ def fully_shard(
 
     Call it on every rank after :func:`fastlora.patch` and before building the optimizer. It shards
     one unit per decoder block, one for the input embeddings and one for the output head (when not
-    tied: their all-gathers then overlap with the blocks' compute instead of stalling the first
-    forward), then the root. The LoRA parameters are always sharded (with their gradients and
+    tied: the head's all-gather is then prefetched during the last block instead of being part of
+    the root's, before the first layer), then the root. The LoRA parameters are always sharded (with their gradients and
     optimizer state); what happens to the frozen base is ``base``:
 
     * ``"shard"``: sharded like any parameter and all-gathered around each unit's forward and
@@ -122,9 +102,12 @@ def fully_shard(
       no copy), as FSDP2 needs floating-point parameters (torch < 2.13 refuses uint8 ones) and must
       not cast the bytes.
     * ``"replicate"``: every frozen parameter stays whole on every rank (FSDP2 ``ignored_params``):
-      no all-gather traffic at all, DDP's memory for the base.
-    * ``"auto"`` (default): ``"replicate"`` when the frozen parameters take at most
-      ``AUTO_REPLICATE_SHARE`` (a quarter) of one GPU's memory, else ``"shard"``; ``"shard"`` off CUDA.
+      no all-gather traffic for it, DDP's memory for the base.
+
+    Measured on 2 H200s (8 layers of Llama-8B, bf16; README "Multi-GPU"): for a base that fits on one
+    GPU, DDP scales best; among FSDP2 layouts ``reshard_after_forward=False`` came first, and
+    ``"replicate"`` was no faster than sharding, which suggests that FSDP2's per-unit work, more than
+    the all-gather volume, is its overhead there.
 
     Args:
         model: a patched model, already on this rank's device.
@@ -136,8 +119,9 @@ def fully_shard(
         mp_policy: an FSDP2 ``MixedPrecisionPolicy``, passed on.
         blocks: the modules to shard as units (default: the ``nn.ModuleList`` holding the most LoRA
             layers, e.g. ``model.model.layers``).
-        prefetch: how many blocks ahead to all-gather, in forward and in backward (0: FSDP2's
-            implicit prefetching only).
+        prefetch: how many units ahead to all-gather in forward (0: FSDP2's implicit prefetching
+            only). Backward keeps FSDP2's own one-block prefetch: with an explicit one on top, the
+            first H200 run of this layout was slower than torch's plain per-block layout.
 
     Returns:
         ``model``, sharded in place.
@@ -156,7 +140,8 @@ def fully_shard(
                 "fastlora.fully_shard: found no nn.ModuleList of LoRA-patched blocks; pass blocks=[...] "
                 "(e.g. blocks=list(model.model.layers))"
             )
-    base = _resolve_base(model, base)
+    if base not in FSDP_BASES:
+        raise ValueError(f"fastlora.fully_shard: base must be one of {', '.join(FSDP_BASES)}, got {base!r}")
     ignored: set[nn.Parameter] | None = None
     if base == "replicate":
         ignored = {p for p in model.parameters() if not p.requires_grad}
@@ -181,9 +166,6 @@ def fully_shard(
     torch_fully_shard(model, **kwargs)
     if prefetch > 0:
         units = list(blocks) + ([head] if head is not None and not tied else [])
-        for i, unit in enumerate(units):
-            if i + 1 < len(units):
-                unit.set_modules_to_forward_prefetch(units[i + 1 : i + 1 + prefetch])
-            if i > 0:
-                unit.set_modules_to_backward_prefetch(units[max(0, i - prefetch) : i][::-1])
+        for i, unit in enumerate(units[:-1]):
+            unit.set_modules_to_forward_prefetch(units[i + 1 : i + 1 + prefetch])
     return model

@@ -1,20 +1,20 @@
 """Multi-GPU scaling of the fastlora train step: tokens/s on 1 vs N GPUs under DDP and FSDP2.
 
-**Status: not yet run on GPUs.** The 2-GPU machine kind (``nvidia-h200-x2``) was not lent when this
-was written; only the ``--smoke`` mode (CPU, gloo) has run. The fastlora code paths it exercises
-(DDP, FSDP2 with bf16 and sharded NF4 bases, ``save_adapter`` gathering) are tested on the CPU in
-``tests/test_distributed.py``.
-
 The model is Llama-3-8B-shaped (hidden 4096, MLP 14336, 32/8 heads, vocab 128256) cut to
 ``--layers`` decoder layers, as in ``bench/train_step.py``; fastlora LoRA r=16 on every linear layer
 of the decoder, AdamW, the same per-GPU batch (``--batch`` x ``--seq`` tokens) at every GPU count, so
 the global batch grows with N (weak scaling). Arms, each for a bf16 and an NF4 (bitsandbytes,
 double quantisation) base:
 
-* ``single``  one process, no wrapper (run at N=1 only): the baseline
-* ``ddp``     ``DistributedDataParallel``: base replicated, LoRA gradients all-reduced
-* ``fsdp2``   ``torch.distributed.fsdp.fully_shard`` per decoder layer + root: everything sharded,
-  the 4-bit packed weights included (gathered whole for each layer's forward/backward)
+* ``single``      one process, no wrapper (run at N=1 only): the baseline
+* ``ddp``         ``DistributedDataParallel``: base replicated, LoRA gradients all-reduced
+* ``fsdp2-torch`` torch's ``fully_shard`` by hand, per decoder layer + root, as its docs show
+  (an NF4 base stored as bf16 first: ``fastlora.quant.set_quant_storage``); everything sharded
+* ``fsdp2``       ``fastlora.fully_shard(base="shard")``: blocks, input embeddings and LM head as
+  separate units (the head kept gathered from forward to backward), explicit forward prefetch
+* ``fsdp2-keep``  the same with ``reshard_after_forward=False``: one all-gather per block per step
+* ``fsdp2-repl``  ``fastlora.fully_shard(base="replicate")``: the frozen base whole on every GPU,
+  only LoRA sharded
 
 Reported per arm and N: median step time (after warm-up), global tokens/s, tokens/s per GPU, scaling
 efficiency ``tok/s(N) / (N * tok/s(1))`` against the same arm at N=1 and against ``single``, peak
@@ -26,7 +26,7 @@ NVLink multicast stays off (``NCCL_NVLS_ENABLE=0``, ``TORCH_SYMM_MEM_DISABLE_MUL
 on the shared multi-GPU hosts a program using it can put the GPUs out of service.
 
     python bench/bench_distributed.py                       # N in {1, 2}: torchrun per N, table + JSON
-    python bench/bench_distributed.py --gpus 1 2 4 --layers 4 --quant nf4
+    python bench/bench_distributed.py --gpus 1 2 4 --layers 4 --quant nf4 --arms ddp fsdp2
     torchrun --nproc-per-node 2 bench/bench_distributed.py --worker --out part.json   # one N by hand
     python bench/bench_distributed.py --smoke               # CPU + gloo, a tiny model: checks the plumbing
 """
@@ -41,12 +41,15 @@ os.environ.update(NVLINK_MULTICAST_OFF)
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
+import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
@@ -54,7 +57,7 @@ import torch.distributed as dist  # noqa: E402
 from common import llama8b_config, quantize_linears  # noqa: E402
 
 GIB = 1024**3
-ARMS = ("single", "ddp", "fsdp2")
+ARMS = ("single", "ddp", "fsdp2-torch", "fsdp2", "fsdp2-keep", "fsdp2-repl")
 QUANTS = ("bf16", "nf4")
 
 
@@ -84,21 +87,40 @@ def build(args, quant: str, device: torch.device) -> torch.nn.Module:
     return model.train()
 
 
+@functools.cache
+def _mesh(device_type: str, world: int):
+    """One mesh (one set of communicators) for every FSDP2 arm, not a new NCCL init per arm."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world,))
+
+
 def wrap(model: torch.nn.Module, arm: str, device: torch.device) -> torch.nn.Module:
+    import fastlora
+
     if arm == "single":
         return model
     if arm == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    mesh = _mesh(device.type, dist.get_world_size())
+    if arm == "fsdp2-torch":
+        from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for block in model.model.layers:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
+        from fastlora.quant import set_quant_storage
+
+        set_quant_storage(model, torch.bfloat16)  # FSDP2 shards float parameters only (torch < 2.13)
+        for block in model.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model
+    options = {
+        "fsdp2": dict(base="shard"),
+        "fsdp2-keep": dict(base="shard", reshard_after_forward=False),
+        "fsdp2-repl": dict(base="replicate"),
+    }[arm]
+    return fastlora.fully_shard(model, mesh=mesh, **options)
 
 
 # -- one arm -----------------------------------------------------------------------------------------
@@ -121,6 +143,8 @@ def lora_grad_norm(model: torch.nn.Module) -> float:
 
 def run_arm(args, arm: str, quant: str, device: torch.device) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
+    t_arm = time.perf_counter()
+    gc.collect()  # the previous arm's model (FSDP2 keeps reference cycles) must not count in this peak
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -145,6 +169,8 @@ def run_arm(args, arm: str, quant: str, device: torch.device) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
         losses.append(loss.detach().float())
+    if arm in args.profile and args.profile_out:
+        profile(args, model, opt, batches, f"{arm} {quant} x{world}", device)
     # The slowest rank sets the pace: take each step's max over ranks, then the median.
     t = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -165,7 +191,51 @@ def run_arm(args, arm: str, quant: str, device: torch.device) -> dict:
         "tokens_per_s": tokens / step_s, "tokens_per_s_per_gpu": tokens / step_s / world,
         "peak_gib": peak.item() / GIB, "first_loss": loss_t[0].item(), "last_loss": loss_t[-1].item(),
         "first_lora_grad_norm": grad_norm, "env": {k: os.environ.get(k) for k in NVLINK_MULTICAST_OFF},
+        "arm_wall_s": time.perf_counter() - t_arm,
     }  # fmt: skip
+
+
+def profile(args, model, opt, batches, label: str, device: torch.device, steps: int = 2) -> None:
+    """Profile ``steps`` more steps on every rank; rank 0 appends where the device time goes to ``--profile-out``.
+
+    Communication is the NCCL (or gloo) kernels' time; the rest is compute. Comparing their sum
+    with the step time shows how much communication overlapped.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch_profile(activities=activities) as prof:
+        for i in range(steps):
+            ids = batches[i % len(batches)]
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _sync(device)
+    wall_ms = 1e3 * (time.perf_counter() - t0) / steps
+    if dist.get_rank() != 0:
+        return
+    events = prof.key_averages()
+
+    def device_us(e) -> float:
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+
+    # Device-side events only (kernels, memcpys): the CPU ops that launched them (aten::mm,
+    # nccl:_all_gather_base, record_param_comms...) carry the same device time a second time.
+    kernels = [e for e in events if e.device_type != DeviceType.CPU and device_us(e) > 0]
+    comm = sum(device_us(e) for e in kernels if "nccl" in e.key.lower()) / 1e3 / steps
+    total = sum(device_us(e) for e in kernels) / 1e3 / steps
+    top = sorted(kernels, key=device_us, reverse=True)[:15]
+    lines = [
+        f"== {label}: step {wall_ms:.1f} ms wall (profiled), kernels {total:.1f} ms, of which NCCL {comm:.1f} ms "
+        f"(including waits for the peer), compute {total - comm:.1f} ms; wall - compute {wall_ms - (total - comm):.1f} ms",
+        *(f"   {device_us(e) / 1e3 / steps:8.2f} ms  x{e.count // steps:<5} {e.key[:110]}" for e in top),
+    ]
+    with open(args.profile_out, "a") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def worker(args) -> int:
@@ -187,6 +257,7 @@ def worker(args) -> int:
             try:
                 row = run_arm(args, arm, quant, device)
             except Exception as exc:  # report the failing arm, keep the others (all ranks fail alike)
+                traceback.print_exc()
                 row = {"arm": arm, "quant": quant, "gpus": world, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             if dist.get_rank() == 0:
                 print(json.dumps(row), flush=True)
@@ -217,15 +288,15 @@ def add_efficiency(rows: list[dict]) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'arm':<7} {'base':<5} {'GPUs':>4} {'step ms':>9} {'tok/s':>10} {'tok/s/GPU':>10} {'eff(arm)':>8} {'eff(1)':>7} {'peak GiB':>8} {'|grad|':>10}"
+    head = f"{'arm':<11} {'base':<5} {'GPUs':>4} {'step ms':>9} {'tok/s':>10} {'tok/s/GPU':>10} {'eff(arm)':>8} {'eff(1)':>7} {'peak GiB':>8} {'|grad|':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['arm']:<7} {r['quant']:<5} {r['gpus']:>4}  ERROR {r['error']}")
+            lines.append(f"{r['arm']:<11} {r['quant']:<5} {r['gpus']:>4}  ERROR {r['error']}")
             continue
         ea, e1 = r.get("efficiency_vs_arm_1gpu"), r.get("efficiency_vs_single")
         lines.append(
-            f"{r['arm']:<7} {r['quant']:<5} {r['gpus']:>4} {r['step_ms']:>9.1f} {r['tokens_per_s']:>10.0f} "
+            f"{r['arm']:<11} {r['quant']:<5} {r['gpus']:>4} {r['step_ms']:>9.1f} {r['tokens_per_s']:>10.0f} "
             f"{r['tokens_per_s_per_gpu']:>10.0f} {'' if ea is None else f'{ea:.0%}':>8} "
             f"{'' if e1 is None else f'{e1:.0%}':>7} {r['peak_gib']:>8.2f} {r['first_lora_grad_norm']:>10.4g}"
         )
@@ -259,6 +330,8 @@ def driver(args, passthrough: list[str]) -> int:
         "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "env": NVLINK_MULTICAST_OFF,
+        # Pinned Triton configs (FASTLORA_TRITON_CONFIG_*) change the kernels' speed, not the scaling.
+        "fastlora_env": {k: v for k, v in os.environ.items() if k.startswith("FASTLORA_")},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("worker", "out")},
     }
     if args.json:
@@ -283,6 +356,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     p.add_argument("--smoke", action="store_true", help="CPU + gloo, a tiny model, few steps")
+    p.add_argument("--profile", nargs="*", default=[], choices=ARMS, help="arms to profile (2 extra steps each)")
+    p.add_argument("--profile-out", default=None, help="text file the profiles are appended to")
     p.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "distributed.json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)

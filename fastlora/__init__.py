@@ -14,6 +14,7 @@ when present.
 from __future__ import annotations
 
 from ._backend import get_backend, set_backend
+from ._dist import fully_shard
 from .adapter import load_adapter, save_adapter
 from .estimate import GradientEstimate, estimate_gradient
 from .layer import LoraLinear
@@ -31,6 +32,7 @@ __all__ = [
     "__version__",
     "dequantize",
     "estimate_gradient",
+    "fully_shard",
     "get_backend",
     "load_adapter",
     "lora_layers",

@@ -25,6 +25,8 @@ from functools import cache
 
 import torch
 
+from ._dist import is_dtensor
+
 __all__ = [
     "FP4_CODE",
     "NF4_CODE",
@@ -34,6 +36,7 @@ __all__ = [
     "from_bnb",
     "is_bnb_4bit",
     "quantize_4bit",
+    "set_quant_storage",
 ]
 
 # Quantiles of N(0, 1) with an exact zero, normalised to [-1, 1] (QLoRA, arXiv 2305.14314).
@@ -281,9 +284,15 @@ def from_bnb(module: torch.nn.Module) -> QuantizedWeight:
         weight = module.weight
         qs = weight.quant_state
     shape = (int(qs.shape[0]), int(qs.shape[1]))
-    packed = weight.data
-    if packed.dtype != torch.uint8:
-        packed = packed.view(torch.uint8)
+    packed = _packed_bytes(weight.data)
+    if packed.numel() != (shape[0] * shape[1] + 1) // 2:
+        raise RuntimeError(
+            f"fastlora: the packed 4-bit weight of a {shape[0]}x{shape[1]} bitsandbytes Linear4bit holds "
+            f"{packed.numel()} bytes, not {(shape[0] * shape[1] + 1) // 2}: its storage ({weight.dtype}) was cast "
+            "as a number, e.g. by FSDP2's MixedPrecisionPolicy(param_dtype=...) or model.to(dtype). Store the "
+            "4-bit bytes in the dtype the wrapper computes in (fastlora.quant.set_quant_storage(model, dtype), "
+            "bnb quant_storage=..., or let fastlora.fully_shard choose it)"
+        )
     nested = dict()
     if qs.nested:
         nested = dict(
@@ -293,7 +302,7 @@ def from_bnb(module: torch.nn.Module) -> QuantizedWeight:
             offset=torch.as_tensor(qs.offset, dtype=torch.float32, device=packed.device),
         )
     return QuantizedWeight(
-        packed=packed.reshape(-1),
+        packed=packed,
         absmax=qs.absmax,
         code=qs.code,
         blocksize=int(qs.blocksize),
@@ -302,3 +311,60 @@ def from_bnb(module: torch.nn.Module) -> QuantizedWeight:
         quant_type=qs.quant_type,
         **nested,
     )
+
+
+def _packed_bytes(data: torch.Tensor) -> torch.Tensor:
+    """The bytes of a packed 4-bit weight as a flat uint8 tensor (a view, whatever the storage dtype)."""
+    flat = data.reshape(-1)
+    return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
+
+
+def set_quant_storage(model: torch.nn.Module, dtype: torch.dtype) -> int:
+    """Store the packed bytes of every bitsandbytes ``Linear4bit`` in ``model`` as ``dtype``; no copy.
+
+    bitsandbytes' ``quant_storage`` (transformers' ``bnb_4bit_quant_storage``) after the fact: the
+    same bytes, reinterpreted as ``[ceil(N*K/2) / itemsize, 1]`` elements of ``dtype``, which is what
+    bitsandbytes writes when it quantises with that storage. FSDP2 (like FSDP1) shards only floating-
+    point parameters safely: torch before 2.13 cannot wrap a uint8 one at all (``only Tensors of
+    floating point dtype can require gradients``), and a ``MixedPrecisionPolicy(param_dtype=...)``
+    casts any storage of another dtype, which destroys the bytes. Use the dtype the wrapper computes
+    in (``param_dtype``, else the model's). fastlora and bitsandbytes read every storage dtype.
+
+    Args:
+        model: a model (or a single ``Linear4bit``), quantised (moved to its device), not yet sharded.
+        dtype: ``torch.uint8`` or a floating-point dtype.
+
+    Returns:
+        How many layers were changed (layers already stored as ``dtype`` are left as they are).
+
+    Raises:
+        ValueError: ``dtype`` is neither uint8 nor floating point, or a layer's byte count is not a
+            multiple of its size (the weight has fewer than that many bytes of padding).
+        RuntimeError: a weight is already sharded by FSDP (call this before ``fully_shard``).
+    """
+    if dtype != torch.uint8 and not dtype.is_floating_point:
+        raise ValueError(f"fastlora.set_quant_storage: dtype must be torch.uint8 or a float dtype, got {dtype}")
+    changed = 0
+    for name, module in model.named_modules():
+        if not is_bnb_4bit(module):
+            continue
+        label = name or type(module).__name__
+        if is_dtensor(module.weight):
+            raise RuntimeError(
+                f"fastlora.set_quant_storage: layer {label} is already sharded; set the storage before fully_shard"
+            )
+        qw = from_bnb(module)  # checks that it is quantised; undoes bitsandbytes' CPU repacking
+        if module.weight.dtype == dtype:
+            continue
+        if qw.packed.numel() % dtype.itemsize:
+            raise ValueError(
+                f"fastlora.set_quant_storage: layer {label} packs {qw.packed.numel()} bytes, not a multiple of "
+                f"{dtype}'s {dtype.itemsize}; store it as uint8 (and keep it out of FSDP sharding)"
+            )
+        module.weight.data = qw.packed.view(dtype).reshape(-1, 1)
+        if hasattr(module.weight, "quant_storage"):
+            module.weight.quant_storage = dtype
+        # bitsandbytes rebuilds a Params4bit from the module's quant_storage when FSDP hands it a plain tensor.
+        module.quant_storage = dtype
+        changed += 1
+    return changed

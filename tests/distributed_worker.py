@@ -2,7 +2,7 @@
 
 The test launches this file twice (``python distributed_worker.py OUTDIR SCENARIO...``) with
 ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` set, as torchrun would, and
-``FASTLORA_DIST_DEVICE`` ``cpu`` (gloo; in CI) or ``cuda`` (NCCL, one GPU per rank). Every
+``FASTLORA_DIST_DEVICE`` ``cpu`` (gloo; in CI) or ``cuda`` (NCCL, one GPU per rank). Each
 scenario runs on both ranks and each rank saves what it saw to ``OUTDIR/<scenario>_rank<r>.pt``;
 adapters are written to ``OUTDIR/<scenario>_adapter``. The test computes the single-process
 references itself, with the helpers below (``build``, ``rank_ids``, ``train``...), so both sides
@@ -42,10 +42,11 @@ VOCAB = 96  # helpers.tiny_llama's vocabulary
 DEVICE = torch.device("cpu")  # this rank's device; main() sets cuda:LOCAL_RANK for NCCL runs
 
 
-def build(kind: str, device: torch.device | str = "cpu") -> nn.Module:
+def build(kind: str, device: torch.device | str = "cpu", storage: torch.dtype = torch.uint8) -> nn.Module:
     """The tiny Llama of ``helpers.tiny_llama`` ("fp32", "bf16" or "nf4" base) on ``device``, patched, B ≠ 0.
 
     B is drawn non-zero so that A gets a gradient at the first step, which the gradient checks need.
+    ``storage`` is bitsandbytes' ``quant_storage`` of an NF4 base (the same bytes whatever it is).
     """
     from helpers import quantize_model_bnb, tiny_llama
 
@@ -53,7 +54,8 @@ def build(kind: str, device: torch.device | str = "cpu") -> nn.Module:
     if kind == "bf16":
         model = model.to(torch.bfloat16)
     elif kind == "nf4":
-        model = quantize_model_bnb(model)  # blocksize 64: bnb's CPU dequant needs in % 64 == 0
+        # blocksize 64: bnb's CPU dequant needs in % 64 == 0
+        model = quantize_model_bnb(model, quant_storage=storage)
     elif kind != "fp32":
         raise ValueError(kind)
     model.to(device)  # a quantised Params4bit moves with its quant state
@@ -131,13 +133,13 @@ def probe_logits(model: nn.Module) -> torch.Tensor:
     return logits
 
 
-def shard(model: nn.Module, ignored_params: set[nn.Parameter] | None = None) -> None:
+def shard(model: nn.Module) -> None:
     """FSDP2 as its docs recommend: one unit per decoder layer, then the root."""
     from torch.distributed.fsdp import fully_shard
 
     for block in model.model.layers:
-        fully_shard(block, ignored_params=ignored_params)
-    fully_shard(model, ignored_params=ignored_params)
+        fully_shard(block)
+    fully_shard(model)
 
 
 def record_compute_weights(model: nn.Module) -> dict[str, list[bool]]:
@@ -188,23 +190,35 @@ def scenario_ddp(rank: int, out: Path) -> dict:
     return dict(grads=grads, losses=losses, params=lora_state(model), logits=probe_logits(model))
 
 
-def _fsdp(rank: int, out: Path, kind: str, tag: str, *, replicate_4bit: bool = False) -> dict:
-    model = build(kind, DEVICE)
+def nonfloat_sharded(model: nn.Module) -> list[str]:
+    """The parameters FSDP2 manages that are not floating point.
+
+    torch < 2.13 creates each sharded parameter as ``nn.Parameter(shard)`` (``requires_grad=True``)
+    before setting its real flag, so ``fully_shard`` raises "only Tensors of floating point dtype can
+    require gradients" on any such parameter (pytorch#177844); newer torch (this CI's) accepts
+    frozen ones. Listing them here makes the CPU run fail where an older torch would crash.
+    """
+    return [n for n, p in model.named_parameters() if is_dtensor(p) and not p.is_floating_point()]
+
+
+def _fsdp(rank: int, out: Path, kind: str, tag: str, *, storage=torch.uint8, **fastlora_shard) -> dict:
+    """``fastlora_shard`` given: ``fastlora.fully_shard(model, **fastlora_shard)``; else torch's by hand."""
+    model = build(kind, DEVICE, storage)
     seen = record_compute_weights(model)
-    ignored = None
-    if replicate_4bit:
-        # The frozen 4-bit base stays whole on every rank; only LoRA and the float params shard.
-        ignored = {m.base_layer.weight for m in fastlora.lora_layers(model).values() if m.is_quantized}
-    shard(model, ignored)
+    if fastlora_shard:
+        fastlora.fully_shard(model, **fastlora_shard)
+    else:
+        shard(model)
     layers = fastlora.lora_layers(model)
     sharded = {name: (is_dtensor(m.base_layer.weight), is_dtensor(m.lora_A)) for name, m in layers.items()}
+    nonfloat = nonfloat_sharded(model)
     grads, losses = train(model, rank_ids(rank))
     some = next(iter(layers.values()))
     error = _error_of(lambda: some.dense_base_weight(torch.float32))
     fastlora.save_adapter(model, out / f"{tag}_adapter")  # on every rank: it all-gathers A and B
     return dict(
         grads=grads, losses=losses, params=lora_state(model), logits=probe_logits(model),
-        seen=seen, sharded=sharded, merge_error=error,
+        seen=seen, sharded=sharded, merge_error=error, nonfloat_sharded=nonfloat,
     )  # fmt: skip
 
 
@@ -213,15 +227,23 @@ def scenario_fsdp_fp32(rank: int, out: Path) -> dict:
 
 
 def scenario_fsdp_bf16(rank: int, out: Path) -> dict:
-    return _fsdp(rank, out, "bf16", "fsdp_bf16")
+    # fastlora's helper, gathered weights kept from forward to backward.
+    return _fsdp(rank, out, "bf16", "fsdp_bf16", base="shard", reshard_after_forward=False)
 
 
 def scenario_fsdp_nf4(rank: int, out: Path) -> dict:
-    return _fsdp(rank, out, "nf4", "fsdp_nf4")
+    # The QLoRA+FSDP recipe with torch's fully_shard by hand: bitsandbytes quantises into fp32 storage.
+    return _fsdp(rank, out, "nf4", "fsdp_nf4", storage=torch.float32)
+
+
+def scenario_fsdp_nf4_helper(rank: int, out: Path) -> dict:
+    # A model quantised the default way (uint8 storage): fastlora.fully_shard re-stores it as bf16.
+    return _fsdp(rank, out, "nf4", "fsdp_nf4_helper", base="shard")
 
 
 def scenario_fsdp_nf4_replicated(rank: int, out: Path) -> dict:
-    return _fsdp(rank, out, "nf4", "fsdp_nf4_replicated", replicate_4bit=True)
+    # The frozen base stays whole on every rank (FSDP2 ignored_params); only LoRA shards.
+    return _fsdp(rank, out, "nf4", "fsdp_nf4_replicated", base="replicate")
 
 
 def lora_ga_batches(ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:
@@ -246,12 +268,35 @@ def scenario_lora_ga(rank: int, out: Path) -> dict:
     return dict(init=lora_ga_result(model))
 
 
+def scenario_selftest_ok(rank: int, out: Path) -> dict:
+    return dict(rank=rank)
+
+
+scenario_selftest_ok2 = scenario_selftest_ok
+
+
+def scenario_selftest_crash(rank: int, out: Path) -> dict:
+    """Rank 1 raises while rank 0 waits in a collective: the harness must pin it on this scenario."""
+    if rank == 1:
+        raise RuntimeError("selftest: rank 1 fails here")
+    dist.barrier()
+    return {}
+
+
 SCENARIOS: dict[str, Callable[[int, Path], dict]] = {
     name[len("scenario_") :]: fn for name, fn in globals().items() if name.startswith("scenario_")
 }
 
 
+BEGIN = "[distributed_worker] begin scenario "
+
+
 def main(argv: list[str]) -> int:
+    """Run the scenarios in order; each rank saves ``<scenario>_rank<r>.pt`` when one is done.
+
+    The parent (tests/test_distributed.py) attributes a crash to the first scenario without results
+    (its log section starts at the ``BEGIN`` line) and runs the rest in a fresh pair of processes.
+    """
     out, names = Path(argv[0]), argv[1:]
     global DEVICE
     timeout = datetime.timedelta(seconds=120)
@@ -264,8 +309,11 @@ def main(argv: list[str]) -> int:
     rank = dist.get_rank()
     try:
         for name in names:
+            print(BEGIN + name, flush=True)
             result = SCENARIOS[name](rank, out)
-            torch.save(result, out / f"{name}_rank{rank}.pt")
+            part = out / f"{name}_rank{rank}.pt.part"
+            torch.save(result, part)
+            part.rename(out / f"{name}_rank{rank}.pt")  # whole or absent: the parent polls for it
             dist.barrier()
     except Exception:
         traceback.print_exc()

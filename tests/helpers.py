@@ -62,9 +62,16 @@ def tiny_gpt2(seed: int = 0):
 
 
 def quantize_model_bnb(
-    model: torch.nn.Module, quant_type: str = "nf4", compress_statistics: bool = True, blocksize: int = 64
+    model: torch.nn.Module,
+    quant_type: str = "nf4",
+    compress_statistics: bool = True,
+    blocksize: int = 64,
+    quant_storage: torch.dtype = torch.uint8,
 ):
-    """A copy of ``model`` with every nn.Linear except the LM head replaced by a bnb Linear4bit (CPU)."""
+    """A copy of ``model`` with every nn.Linear except the LM head replaced by a bnb Linear4bit (CPU).
+
+    ``quant_storage`` is bitsandbytes' dtype for the packed bytes (a float one lets FSDP shard them).
+    """
     import bitsandbytes as bnb
 
     model = copy.deepcopy(model)
@@ -75,10 +82,11 @@ def quantize_model_bnb(
         q = bnb.nn.Linear4bit(
             module.in_features, module.out_features, bias=module.bias is not None,
             compute_dtype=torch.float32, compress_statistics=compress_statistics, quant_type=quant_type,
+            quant_storage=quant_storage,
         )  # fmt: skip
         q.weight = bnb.nn.Params4bit(
             module.weight.data.clone(), requires_grad=False, quant_type=quant_type,
-            compress_statistics=compress_statistics, blocksize=blocksize,
+            compress_statistics=compress_statistics, blocksize=blocksize, quant_storage=quant_storage,
         )  # fmt: skip
         if module.bias is not None:
             q.bias = torch.nn.Parameter(module.bias.data.clone(), requires_grad=False)

@@ -5,7 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastlora.quant import FP4_CODE, NF4_CODE, QuantizedWeight, dequantize, dequantize_absmax, from_bnb, quantize_4bit
+from fastlora.quant import (
+    FP4_CODE,
+    NF4_CODE,
+    QuantizedWeight,
+    dequantize,
+    dequantize_absmax,
+    from_bnb,
+    quantize_4bit,
+    set_quant_storage,
+)
 
 F = pytest.importorskip("bitsandbytes.functional")
 
@@ -136,3 +145,104 @@ def test_from_bnb_after_bnb_cpu_repack():
     w_after = dequantize(qw, torch.float32)
     assert torch.equal(w_after, F.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float())
     assert (w_after - w_before).norm() / w_before.norm() < 1e-2  # only bnb's bf16 rounding of the scales
+
+
+# -- quant_storage: the packed bytes stored as another dtype (how FSDP shards a 4-bit base) ----------
+
+STORAGES = [torch.uint8, torch.bfloat16, torch.float16, torch.float32]
+
+
+def _linear4bit(weight: torch.Tensor, storage: torch.dtype, blocksize: int = 64):
+    import bitsandbytes as bnb
+
+    n, k = weight.shape
+    layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.float32, quant_type="nf4", quant_storage=storage)
+    layer.weight = bnb.nn.Params4bit(
+        weight.clone(), requires_grad=False, quant_type="nf4", blocksize=blocksize, quant_storage=storage
+    )
+    return layer.to("cpu")
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_bit_exact_for_every_quant_storage(storage, nested, dtype):
+    w = torch.randn(96, 256, dtype=dtype) * 0.05
+    packed, qs = F.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4", quant_storage=storage)
+    assert packed.dtype == storage
+    ours = dequantize(_from_state(packed, qs))
+    assert torch.equal(_bits(ours), _bits(F.dequantize_4bit(packed, qs)))
+    # The same bytes as the uint8 storage: the dtype is only a view.
+    packed8, _ = F.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type="nf4")
+    assert torch.equal(packed.reshape(-1).view(torch.uint8), packed8.reshape(-1))
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_from_bnb_reads_any_quant_storage_as_bytes(storage):
+    w = torch.randn(64, 256)
+    layer, ref = _linear4bit(w, storage), _linear4bit(w, torch.uint8)
+    assert layer.weight.dtype == storage
+    qw = from_bnb(layer)
+    assert qw.packed.dtype == torch.uint8 and qw.packed.dim() == 1
+    assert torch.equal(qw.packed, from_bnb(ref).packed)
+    assert torch.equal(dequantize(qw), F.dequantize_4bit(layer.weight.data, layer.weight.quant_state))
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_set_quant_storage_reviews_the_bytes_in_place(storage):
+    w = torch.randn(64, 256)
+    layer, native = _linear4bit(w, torch.uint8), _linear4bit(w, storage)
+    before = from_bnb(layer).packed.clone()
+    model = torch.nn.Sequential(layer)
+    assert set_quant_storage(model, storage) == 1
+    assert set_quant_storage(model, storage) == 0  # already so
+    # Exactly what bitsandbytes writes when it quantises with that storage.
+    assert layer.weight.dtype == storage and layer.weight.shape == native.weight.shape
+    assert torch.equal(layer.weight.data.view(torch.uint8), native.weight.data.view(torch.uint8))
+    assert layer.quant_storage == storage and layer.weight.quant_storage == storage
+    assert torch.equal(from_bnb(layer).packed, before)
+    x = torch.randn(3, 256)
+    assert torch.equal(layer(x), native(x))  # bitsandbytes' own forward reads it too
+    assert set_quant_storage(model, torch.uint8) == 1 and layer.weight.dtype == torch.uint8
+    assert torch.equal(from_bnb(layer).packed, before)
+
+
+def test_set_quant_storage_rejects_bad_dtypes_and_byte_counts():
+    with pytest.raises(ValueError, match="float dtype"):
+        set_quant_storage(torch.nn.Sequential(), torch.int32)
+    layer = _linear4bit(torch.randn(3, 12), torch.uint8)  # 18 bytes: not a whole number of fp32 words
+    with pytest.raises(ValueError, match="not a multiple"):
+        set_quant_storage(torch.nn.Sequential(layer), torch.float32)
+
+
+def test_from_bnb_refuses_a_cast_storage():
+    """FSDP2's MixedPrecisionPolicy(param_dtype=bf16) on fp32-stored bytes casts them as numbers."""
+    layer = _linear4bit(torch.randn(64, 256), torch.float32)
+    layer.quant_state = layer.weight.quant_state  # kept on the module, as LoraLinear does for FSDP
+    layer.weight = torch.nn.Parameter(layer.weight.data.to(torch.bfloat16), requires_grad=False)
+    with pytest.raises(RuntimeError, match=r"was cast.*MixedPrecisionPolicy"):
+        from_bnb(layer)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float32])
+def test_lora_layer_on_float_storage_equals_uint8_storage(backend, storage):
+    """The reference op and the Triton kernels (interpreted on the CPU) read the bytes, not the dtype."""
+    from fastlora import LoraLinear, set_backend
+
+    w = torch.randn(64, 128)
+    outs = []
+    for st in (torch.uint8, storage):
+        torch.manual_seed(0)
+        layer = LoraLinear(_linear4bit(w, st), r=4, lora_alpha=8)
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+        x = torch.randn(5, 128, requires_grad=True)
+        set_backend(backend)
+        try:
+            y = layer(x)
+            y.square().sum().backward()
+        finally:
+            set_backend("auto")
+        outs.append((y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)

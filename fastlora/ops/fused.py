@@ -52,6 +52,8 @@ def _fwd_cat(m: int, n: int, k: int, quant: bool, merge: str) -> bool:
     """Merge the forward's LoRA term by concatenation? Bytes of [x | s·xa] (plus a copy of a dense
     W0) against an extra read+write of y; never for small M (see ``CAT_MIN_M``)."""
     if merge != "auto":
+        if merge not in MERGES:
+            raise ValueError(f"fastlora: merge must be one of {', '.join(MERGES)}, got {merge!r}")
         return merge == "cat"
     return m >= CAT_MIN_M and m * k + (0 if quant else 2 * n * k) < 2 * m * n
 
@@ -285,9 +287,9 @@ class _LoraLinearFused(torch.autograd.Function):
     """Eager twin of the ops (same implementation, no dispatcher on the way)."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, merge):
         with torch.autocast(x.device.type, enabled=False):
-            y, xa = forward_impl(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+            y, xa = forward_impl(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, merge)
         ctx.save_for_backward(x, lora_A, lora_B, xa)
         ctx.weight, ctx.scaling, ctx.dropout_p, ctx.seed = weight, scaling, dropout_p, seed
         return y
@@ -302,7 +304,7 @@ class _LoraLinearFused(torch.autograd.Function):
                 needs[0], needs[2] or needs[3],
             )  # fmt: skip
         dbias = dy.sum(0) if needs[4] else None
-        return dx, None, da if needs[2] else None, db if needs[3] else None, dbias, None, None, None
+        return dx, None, da if needs[2] else None, db if needs[3] else None, dbias, None, None, None, None
 
 
 def lora_linear_fused(
@@ -314,6 +316,7 @@ def lora_linear_fused(
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     seed: torch.Tensor | int = 0,
+    merge: str = "auto",
 ) -> torch.Tensor:
     """``x·W0ᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ (+ bias)`` through cuBLAS and the Triton kernels, with autograd.
 
@@ -321,7 +324,8 @@ def lora_linear_fused(
     first); the dropout mask is drawn by Philox from ``seed``, an int or a 1-element integer tensor
     on x's device (read by the kernels, never by the host; see the module docstring). Under
     ``torch.compile`` this calls the ``fastlora::lora_linear_fwd``/``_bwd`` triton ops (no graph
-    break); eagerly, an ``autograd.Function`` around the same implementation.
+    break); eagerly, an ``autograd.Function`` around the same implementation. ``merge`` forces how
+    the eager forward adds the LoRA term (one of :data:`MERGES`; for the benchmark and the tests).
     """
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
@@ -331,7 +335,7 @@ def lora_linear_fused(
     quant = isinstance(base, QuantizedWeight)
     if not torch.compiler.is_compiling():
         weight = _packed_of(base) if quant else base
-        y = _LoraLinearFused.apply(x2, weight, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed)
+        y = _LoraLinearFused.apply(x2, weight, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed, merge)
         return y.reshape(*x.shape[:-1], n)
     if quant:
         w = _packed_of(base)

@@ -29,6 +29,8 @@ BLOCKS = ((64, 64, 4), (32, 64, 4), (128, 64, 8), (16, 256, 4), (32, 128, 4), (6
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny shapes: checks the script runs")
+    ap.add_argument("--lookups", nargs="+", default=None, help="only these lookups")
+    ap.add_argument("--shapes", type=int, default=len(SHAPES), help="only the first SHAPES shapes")
     ap.add_argument("--out", type=str, default=str(Path(__file__).parent / "results" / "lookup.json"))
     args = ap.parse_args(argv)
     if args.smoke:
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
     from fastlora.quant import dequantize, quantize_4bit
 
     dev = "cpu" if args.smoke else "cuda"
-    shapes = ((40, 72),) if args.smoke else SHAPES
+    shapes = ((40, 72),) if args.smoke else SHAPES[: args.shapes]
     blocks = BLOCKS[:1] if args.smoke else BLOCKS
 
     def bench(fn):
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
         qw = quantize_4bit(torch.randn(n, k, device=dev), blocksize=64, compress_statistics=True)
         ref = dequantize(qw, torch.bfloat16)
         nbytes = qw.packed.numel() + 2 * n * k
-        for lookup in NF4_LOOKUPS:
+        for lookup in args.lookups or NF4_LOOKUPS:
             for block in blocks:
 
                 def run(lookup=lookup, block=block, qw=qw):

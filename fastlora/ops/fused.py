@@ -61,8 +61,9 @@ def _fwd_cat(m: int, n: int, k: int, quant: bool, merge: str) -> bool:
 def supports(x, base, lora_A, lora_B, bias=None, dropout_p=0.0) -> bool:
     """Whether :func:`lora_linear_fused` handles these inputs (else the caller uses the reference).
 
-    CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; bf16/fp16/fp32 activations with A, B
-    (and a dense W0, bias) of the same dtype; W0 dense 2-D or a 4-bit NF4/FP4 weight.
+    CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; bf16/fp16/fp32 activations with a dense
+    W0 and bias of the same dtype (A and B may be any float dtype: they are cast to x's); W0 dense 2-D
+    or a 4-bit NF4/FP4 weight.
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
@@ -89,7 +90,7 @@ def supports(x, base, lora_A, lora_B, bias=None, dropout_p=0.0) -> bool:
         return False
     if any(t.device != x.device for t in tensors):
         return False
-    if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+    if not (lora_A.is_floating_point() and lora_B.is_floating_point()) or (bias is not None and bias.dtype != x.dtype):
         return False
     r = lora_A.shape[0]
     return k == x.shape[-1] and lora_A.dim() == 2 and lora_A.shape[1] == k and lora_B.shape == (n, r) and 1 <= r <= 256
@@ -284,15 +285,20 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _LoraLinearFused(torch.autograd.Function):
-    """Eager twin of the ops (same implementation, no dispatcher on the way)."""
+    """Eager twin of the ops (same implementation, no dispatcher on the way). It takes x of any rank
+    and A, B in any float dtype and does the reshapes and casts itself: no view or cast nodes in the
+    autograd graph (the engine casts the returned A/B grads to the parameters' dtype)."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, merge):
+        x_shape = x.shape
+        x2 = x.reshape(-1, x_shape[-1])
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
         with torch.autocast(x.device.type, enabled=False):
-            y, xa = forward_impl(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, merge)
-        ctx.save_for_backward(x, lora_A, lora_B, xa)
-        ctx.weight, ctx.scaling, ctx.dropout_p, ctx.seed = weight, scaling, dropout_p, seed
-        return y
+            y, xa = forward_impl(x2, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, merge)
+        ctx.save_for_backward(x2, lora_A, lora_B, xa)
+        ctx.weight, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.x_shape = weight, scaling, dropout_p, seed, x_shape
+        return y.view(*x_shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
@@ -300,10 +306,11 @@ class _LoraLinearFused(torch.autograd.Function):
         needs = ctx.needs_input_grad
         with torch.autocast(dy.device.type, enabled=False):
             dx, da, db = backward_impl(
-                dy, x, ctx.weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, ctx.seed,
-                needs[0], needs[2] or needs[3],
+                dy.reshape(-1, dy.shape[-1]), x, ctx.weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
+                ctx.seed, needs[0], needs[2] or needs[3],
             )  # fmt: skip
-        dbias = dy.sum(0) if needs[4] else None
+        dx = dx.view(ctx.x_shape) if dx is not None else None
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if needs[4] else None
         return dx, None, da if needs[2] else None, db if needs[3] else None, dbias, None, None, None, None
 
 
@@ -327,16 +334,14 @@ def lora_linear_fused(
     break); eagerly, an ``autograd.Function`` around the same implementation. ``merge`` forces how
     the eager forward adds the LoRA term (one of :data:`MERGES`; for the benchmark and the tests).
     """
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    n = base.shape[0]
     # One seed tensor per call (an int seed becomes one; a tensor seed is used in place), or none.
     seed = seed_tensor(seed, x.device) if dropout_p > 0.0 else None
     quant = isinstance(base, QuantizedWeight)
     if not torch.compiler.is_compiling():
         weight = _packed_of(base) if quant else base
-        y = _LoraLinearFused.apply(x2, weight, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed, merge)
-        return y.reshape(*x.shape[:-1], n)
+        return _LoraLinearFused.apply(x, weight, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed, merge)
+    k = x.shape[-1]
+    n = base.shape[0]
     if quant:
         w = _packed_of(base)
         qmeta = [n, k, w.blocksize, w.blocksize2, 0 if w.quant_type == "nf4" else 1]
@@ -344,7 +349,8 @@ def lora_linear_fused(
     else:
         qmeta = [n, k, 0, 0, 0]
         wt = (base, None, None, None, None)
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     y, _ = torch.ops.fastlora.lora_linear_fwd(
-        x2, *wt, qmeta, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed
+        x.reshape(-1, k), *wt, qmeta, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed
     )
     return y.reshape(*x.shape[:-1], n)

@@ -70,6 +70,7 @@ class LoraLinearReference(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base, bias, lora_A, lora_B, scaling, dropout_p, seed):
         x2 = x.reshape(-1, x.shape[-1])
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # grads come back cast by autograd
         w0 = base_weight_dense(base, x.dtype)
         xa = _drop(x2, dropout_p, seed) @ lora_A.t()  # [M, r]
         y = torch.addmm(bias, x2, w0.t()) if bias is not None else x2 @ w0.t()
@@ -113,7 +114,8 @@ def lora_linear_reference(
     """``x·W0ᵀ + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ (+ bias)`` with an explicit backward.
 
     Args:
-        x: ``[..., K]`` activations; every other float tensor must share its dtype.
+        x: ``[..., K]`` activations; a dense W0 and the bias must share its dtype; lora_A and lora_B
+            may be any float dtype (cast to x's, their gradients returned in their own dtype).
         base: ``W0 [N, K]`` (dense, any strides) or a 4-bit :class:`QuantizedWeight`.
         lora_A: ``[r, K]``; lora_B: ``[N, r]``.
         scaling: the LoRA scale s.

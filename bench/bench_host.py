@@ -7,7 +7,11 @@ tokens; LoRA dropout 0 and 0.1. Arms, each used as a user would:
 * ``fastlora``  a :class:`fastlora.LoraLinear` around the base layer (fp32 adapters, the default);
 * ``peft``      PEFT's LoRA layer around the same base layer (fp32 adapters, PEFT's default);
 * ``unsloth``   Unsloth's ``LoRA_W.apply`` on the PEFT layer's parameters (``get_lora_parameters``), as
-                its patched attention calls it (``--peer DIR`` puts Unsloth's functions on the path).
+                its patched attention calls it (``--peer DIR`` puts Unsloth's functions on the path);
+* ``floor``     two bare bf16 cuBLAS calls, ``x·W0ᵀ`` and ``dy·W0`` (no autograd): the host cost of a
+                launch on this machine, and the GPU time any method needs at least;
+* ``fl-compiled`` (``--compiled``, dropout 0) the fastlora layer under
+                ``torch.compile(mode="reduce-overhead")``: Inductor launches the kernels from CUDA graphs.
 
 Per arm: ``host_us`` -- N forward+backward calls queued without any sync, wall time of the Python
 loop divided by N, while the GPU is held busy by a long sleep kernel (so the host never waits for
@@ -36,7 +40,7 @@ K = N = 4096
 R, ALPHA = 16, 32.0
 
 
-def _layers(base: str, m: int, p: float, peer: str | None):
+def _layers(base: str, m: int, p: float, peer: str | None, compiled: bool = False):
     """``{arm: call}`` where ``call()`` runs one forward+backward of that arm on the same weights."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
@@ -85,10 +89,14 @@ def _layers(base: str, m: int, p: float, peer: str | None):
 
         return call
 
+    x2, dy2 = x.detach().reshape(m, K), dy.reshape(m, N)
     arms = {
         "fastlora": run(fl, [fl.lora_A, fl.lora_B]),
         "peft": run(peft_model, [pa, pb]),
+        "floor": lambda: (torch.mm(x2, w.t()), torch.mm(dy2, w)),
     }
+    if compiled and p == 0.0:
+        arms["fl-compiled"] = run(torch.compile(fl, mode="reduce-overhead"), [fl.lora_A, fl.lora_B])
     if peer:
         sys.path.insert(0, str(Path(peer).resolve()))
         from unsloth.kernels.fast_lora import LoRA_W
@@ -116,7 +124,7 @@ def _sleep_cycles_per_ms() -> float:
 
 def measure(call, calls: int, cycles_per_ms: float) -> dict:
     """Host and GPU time per call of ``call`` (see the module docstring)."""
-    for _ in range(3):
+    for _ in range(5):  # warm-up (a compiled arm compiles and records its CUDA graphs here)
         call()
     torch.cuda.synchronize()
     # Hold the GPU for longer than the host needs to queue every call: the host never waits on it.
@@ -166,6 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1])
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--peer", type=str, default=None, help="folder holding Unsloth's unsloth/ package")
+    ap.add_argument("--compiled", action="store_true", help="add the fl-compiled arm (dropout 0)")
     ap.add_argument("--profile", action="store_true", help="print a cProfile of fastlora's call per case")
     ap.add_argument("--out", type=str, default=str(Path(__file__).parent / "results" / "host.json"))
     args = ap.parse_args(argv)
@@ -185,7 +194,7 @@ def main(argv=None) -> int:
     for base in args.bases:
         for p in args.dropouts:
             for m in args.ms:
-                arms = _layers(base, m, p, args.peer)
+                arms = _layers(base, m, p, args.peer, args.compiled)
                 for arm, call in arms.items():
                     try:
                         res = measure(call, args.calls, cpm)
@@ -199,20 +208,21 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"\n{'base':5s} {'p':>4s} {'M':>6s} | " + " | ".join(f"{a:>24s}" for a in ("fastlora", "peft", "unsloth")))
-    print(f"{'':5s} {'':>4s} {'':>6s} | " + " | ".join(f"{'host us  gpu us  kern':>24s}" for _ in range(3)))
+    names = [a for a in ("fastlora", "fl-compiled", "peft", "unsloth", "floor") if any(r["arm"] == a for r in rows)]
+    print(f"\n{'base':5s} {'p':>4s} {'M':>6s} | " + " | ".join(f"{a:>22s}" for a in names))
+    print(f"{'':5s} {'':>4s} {'':>6s} | " + " | ".join(f"{'host us gpu us kern':>22s}" for _ in names))
     for base in args.bases:
         for p in args.dropouts:
             for m in args.ms:
                 cells = []
-                for arm in ("fastlora", "peft", "unsloth"):
+                for arm in names:
                     r = next(
                         (r for r in rows if (r["base"], r["dropout"], r["M"], r["arm"]) == (base, p, m, arm)), None
                     )
                     if r is None or "error" in r:
-                        cells.append(f"{'-' if r is None else 'error':>24s}")
+                        cells.append(f"{'-' if r is None else 'error':>22s}")
                     else:
-                        cells.append(f"{r['host_us']:8.0f} {r['gpu_us']:7.0f} {r['kernels']:5d}")
+                        cells.append(f"{r['host_us']:7.0f} {r['gpu_us']:7.0f} {r['kernels']:6d}")
                 print(f"{base:5s} {p:4.2f} {m:6d} | " + " | ".join(cells))
     print(f"wrote {args.out}")
     return 0

@@ -10,7 +10,7 @@ tokens; LoRA dropout 0 and 0.1. Arms, each used as a user would:
                 its patched attention calls it (``--peer DIR`` puts Unsloth's functions on the path);
 * ``floor``     two bare bf16 cuBLAS calls, ``x·W0ᵀ`` and ``dy·W0`` (no autograd): the host cost of a
                 launch on this machine, and the GPU time any method needs at least;
-* ``fl-compiled`` (``--compiled``, dropout 0) the fastlora layer under
+* ``fl-compiled`` (``--compiled M ...``, dropout 0) the fastlora layer under
                 ``torch.compile(mode="reduce-overhead")``: Inductor launches the kernels from CUDA graphs.
 
 Per arm: ``host_us`` -- N forward+backward calls queued without any sync, wall time of the Python
@@ -95,7 +95,7 @@ def _layers(base: str, m: int, p: float, peer: str | None, compiled: bool = Fals
         "peft": run(peft_model, [pa, pb]),
         "floor": lambda: (torch.mm(x2, w.t()), torch.mm(dy2, w)),
     }
-    if compiled and p == 0.0:
+    if compiled and p == 0.0:  # Inductor's CUDA graphs of the same layer
         arms["fl-compiled"] = run(torch.compile(fl, mode="reduce-overhead"), [fl.lora_A, fl.lora_B])
     if peer:
         sys.path.insert(0, str(Path(peer).resolve()))
@@ -174,7 +174,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.1])
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--peer", type=str, default=None, help="folder holding Unsloth's unsloth/ package")
-    ap.add_argument("--compiled", action="store_true", help="add the fl-compiled arm (dropout 0)")
+    ap.add_argument(
+        "--compiled", type=int, nargs="*", default=[], help="add the fl-compiled arm at these M (dropout 0)"
+    )
     ap.add_argument("--profile", action="store_true", help="print a cProfile of fastlora's call per case")
     ap.add_argument("--out", type=str, default=str(Path(__file__).parent / "results" / "host.json"))
     args = ap.parse_args(argv)
@@ -194,7 +196,7 @@ def main(argv=None) -> int:
     for base in args.bases:
         for p in args.dropouts:
             for m in args.ms:
-                arms = _layers(base, m, p, args.peer, args.compiled)
+                arms = _layers(base, m, p, args.peer, m in args.compiled)
                 for arm, call in arms.items():
                     try:
                         res = measure(call, args.calls, cpm)

@@ -202,8 +202,12 @@ def _fwd_body(
     seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     weight = _weight(w, absmax, absmax2, code2, offset, qmeta)
+    # Traced, the "cat" merge's in-place writes into slices of the [W0 | B] buffer (dequantisation, B,
+    # the zero tail) are functionalised, which can cost whole-buffer copies; the addmm merge writes
+    # only fresh buffers. Expected, not yet measured: the compiled 3B step with the cat merge was
+    # 0.70x compiled PEFT+bnb on an H200 (bench/NOTES.md).
     with torch.autocast(x.device.type, enabled=False):
-        return forward_impl(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+        return forward_impl(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, "addmm")
 
 
 def _fwd_fake(x, w, absmax, absmax2, code2, offset, qmeta, lora_A, lora_B, bias, scaling, dropout_p, seed):

@@ -286,9 +286,6 @@ def parts(log):
             row["down"] = do_bench(lambda c=c: lora_down(c.x, c.A))
             row["down_cat"] = do_bench(lambda c=c: lora_down(c.x, c.A, cat_width=R, scaling=SCALING))
             row["bwd_aux"] = do_bench(lambda c=c, xa=xa: lora_bwd_aux(c.dy, c.x, xa, c.A, c.B, SCALING))
-            row["bwd_aux_cat"] = do_bench(
-                lambda c=c, xa=xa: lora_bwd_aux(c.dy, c.x, xa, c.A, c.B, SCALING, cat_width=R)
-            )
             y = torch.mm(c.x, c.w.t())
             row["up_add_y"] = do_bench(lambda y=y, c=c, xa=xa: lora_up_add(y, xa, c.B.t(), SCALING))
             row["mm_fwd"] = do_bench(lambda c=c: torch.mm(c.x, c.w.t()))

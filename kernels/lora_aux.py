@@ -4,7 +4,7 @@ and an in-place low-rank update.
 * :func:`lora_down` -- ``xa = drop(x)·Aᵀ`` ``[M, r]``, optionally copying x into
   ``x_cat = [x | s·xa | 0]`` (the forward's "cat" merge).
 * :func:`lora_bwd_aux` -- one program per row tile reads dy once for ``g = dy·B`` and
-  ``dB = s·dyᵀ·xa``, then x once for ``dA = s·gᵀ·drop(x)``; optionally writes ``dy_cat = [dy | s·g | 0]``.
+  ``dB = s·dyᵀ·xa``, then x once for ``dA = s·gᵀ·drop(x)``.
 * :func:`lora_up_add` -- ``out += s·(L·R) ⊙ keep/(1-p)`` in place (the cuBLAS path's LoRA merge).
 
 Dropout keep-masks come from ``tl.rand(seed, m·K + k)`` (Philox), identical in every kernel here and
@@ -159,19 +159,15 @@ def _lora_bwd_aux_kernel(
     stride_xm,
     stride_xk,
     g_ptr,
-    dycat_ptr,
-    stride_cm,
     da_ptr,
     db_ptr,
     M,
     N,
     K,
     R,
-    RP,
     scaling,
     seed_ptr,
     p,
-    CAT: tl.constexpr,
     DROPOUT: tl.constexpr,
     PREC: tl.constexpr,
     F32: tl.constexpr,
@@ -197,8 +193,6 @@ def _lora_bwd_aux_kernel(
         dy = tl.load(
             dy_ptr + offs_m[:, None].to(tl.int64) * stride_dm + offs_n[None, :] * stride_dn, mask=mask, other=0.0
         )
-        if CAT:
-            tl.store(dycat_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :], dy, mask=mask)
         b = tl.load(
             b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
             mask=n_ok[:, None] & r_ok[None, :],
@@ -208,11 +202,7 @@ def _lora_bwd_aux_kernel(
         db = mma(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), PREC, F32)  # [BN, BR]
         tl.atomic_add(db_ptr + offs_n[:, None] * BLOCK_R + offs_r[None, :], db * scaling, mask=n_ok[:, None])
     gd = cast(g, DTYPE)  # rounded as the reference's dy·B
-    if CAT:  # tail of dy_cat: s·g, then zeros up to RP
-        ptrs = dycat_ptr + offs_m[:, None].to(tl.int64) * stride_cm + N + offs_r[None, :]
-        tl.store(ptrs, cast(gd.to(tl.float32) * scaling, DTYPE), mask=m_ok[:, None] & (offs_r[None, :] < RP))
-    else:
-        tl.store(g_ptr + offs_m[:, None] * R + offs_r[None, :], gd, mask=m_ok[:, None] & r_ok[None, :])
+    tl.store(g_ptr + offs_m[:, None] * R + offs_r[None, :], gd, mask=m_ok[:, None] & r_ok[None, :])
 
     # Pass over x: dA += s·gᵀ·drop(x).
     for k0 in range(0, K, BLOCK_K):
@@ -238,40 +228,36 @@ def lora_bwd_aux(
     *,
     dropout_p: float = 0.0,
     seed: torch.Tensor | int = 0,
-    cat_width: int = 0,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The LoRA part of the backward in one launch.
 
     Args:
         dy: ``[M, N]``; x: ``[M, K]`` (any strides); xa: the forward's ``drop(x)·Aᵀ`` ``[M, r]``.
-        cat_width: > 0 writes ``dy_cat [M, N + cat_width] = [dy | s·g | 0]`` instead of ``g``.
 
     Returns:
-        ``(g [M, r] or None, dy_cat or None, dA [r, K], dB [N, r])``; ``g = dy·B`` in dy's dtype,
+        ``(g [M, r], dA [r, K], dB [N, r])``; ``g = dy·B`` in dy's dtype,
         ``dA``/``dB`` in ``lora_A``/``lora_B``'s dtype.
     """
     m, n = dy.shape
     k = x.shape[1]
     r = lora_A.shape[0]
     br = next_pow2(r)
-    assert cat_width == 0 or r <= cat_width <= br
     meta = _meta(BLOCK_M=16 if m <= 64 else 64 if m <= 8192 else 128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
     acc = torch.zeros(br * k + n * br, dtype=torch.float32, device=dy.device)  # one memset for dA and dB
     da32, db32 = acc[: br * k].view(br, k), acc[br * k :].view(n, br)
-    g = None if cat_width else torch.empty((m, r), dtype=dy.dtype, device=dy.device)
-    dycat = torch.empty((m, n + cat_width), dtype=dy.dtype, device=dy.device) if cat_width else None
+    g = torch.empty((m, r), dtype=dy.dtype, device=dy.device)
     launcher(_lora_bwd_aux_kernel, dy)[(triton.cdiv(m, meta["BLOCK_M"]),)](
         dy, dy.stride(0), dy.stride(1),
         lora_B, lora_B.stride(0), lora_B.stride(1),
         xa, xa.stride(0),
         x, x.stride(0), x.stride(1),
-        g if g is not None else dycat, dycat if dycat is not None else g, dycat.stride(0) if dycat is not None else 0,
+        g,
         da32, db32,
-        m, n, k, r, cat_width, float(scaling), seed_arg(seed, dropout_p, dy), float(dropout_p),
-        CAT=dycat is not None, DROPOUT=dropout_p > 0.0, BLOCK_R=br,
+        m, n, k, r, float(scaling), seed_arg(seed, dropout_p, dy), float(dropout_p),
+        DROPOUT=dropout_p > 0.0, BLOCK_R=br,
         **meta, **_consts(dy.dtype),
     )  # fmt: skip
-    return g, dycat, da32[:r].to(lora_A.dtype, copy=True), db32[:, :r].to(lora_B.dtype, copy=True)
+    return g, da32[:r].to(lora_A.dtype, copy=True), db32[:, :r].to(lora_B.dtype, copy=True)
 
 
 # ----------------------------------------------------------------------------------------------

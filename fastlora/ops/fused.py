@@ -165,7 +165,7 @@ def backward_impl(dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_
         return None, None, None
     da = db = None
     if dropout_p > 0.0:
-        g, _, da, db = lora_bwd_aux(dy, x, xa, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed)
+        g, da, db = lora_bwd_aux(dy, x, xa, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed)
         if not needs_lora:
             da = db = None
     else:

@@ -634,3 +634,34 @@ def test_gpu_patched_llama_compiles_fullgraph_and_inductor_sees_the_kernels():
     assert relerr(outs[0][0], outs[1][0]) < 1e-3
     for a, b in zip(outs[0][1], outs[1][1]):
         assert relerr(a, b) < 2e-2
+
+
+def test_layer_under_autocast_matches_reference_and_outside_it_needs_no_autocast_context(monkeypatch):
+    """Under autocast the op turns it off for its own GEMMs (bf16 in, bf16 out, = the reference);
+    outside autocast no ``torch.autocast`` context is built per call (host time)."""
+    from fastlora import _backend
+    from fastlora.layer import LoraLinear
+
+    layer = LoraLinear(torch.nn.Linear(64, 40).to(DEV), r=8, lora_alpha=16).to(DEV)
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(3, 5, 64, device=DEV)
+    outs = {}
+    try:
+        for backend in ("torch", "triton"):
+            _backend.set_backend(backend)
+            layer.zero_grad()
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                y = layer(x)
+            y.float().square().mean().backward()
+            outs[backend] = (y, layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+        assert _backend.current() == "triton"
+        built = []
+        real = torch.autocast
+        monkeypatch.setattr(torch, "autocast", lambda *a, **k: built.append(1) or real(*a, **k))
+        layer(x).sum().backward()
+    finally:
+        _backend.set_backend("auto")
+    assert outs["triton"][0].dtype == outs["torch"][0].dtype == torch.bfloat16
+    for a, b in zip(outs["triton"], outs["torch"]):
+        assert relerr(a.float(), b.float()) < 1e-2
+    assert not built

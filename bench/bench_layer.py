@@ -6,8 +6,8 @@ For M in {16, 512, 4096, 16384} × (K, N) in {(4096, 4096), (4096, 14336), (1433
 * ``peft_nf4``   PEFT LoRA on a bitsandbytes ``Linear4bit`` (nf4, double quantisation)
 * ``peft_bf16``  PEFT LoRA on a bf16 ``nn.Linear``
 * ``fl_nf4_*`` / ``fl_bf16_*``  fastlora's op on the same bnb storage / the same bf16 weight, for the
-  automatic choice (``auto``) and each implementation forced (``fused``, ``cublas-cat``, ``cublas-addmm``,
-  ``small``: the small-M 4-bit forward kernel at any M, cuBLAS-path backward; on a bf16 W0 it is ``cublas``)
+  automatic choice (``auto``) and each forward merge of the LoRA term forced (``cat``: one GEMM over
+  ``[x | s·xa]``; ``addmm``: a cuBLAS epilogue on y)
 
 Forward is timed under ``torch.no_grad()``; forward+backward computes grads of x, A and B (never of W0).
 Times are medians of ``triton.testing.do_bench`` (CUDA events; it clears L2 before every call, and that
@@ -37,7 +37,7 @@ R = 16
 SCALING = 2.0
 MS = (16, 512, 4096, 16384)
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))
-VARIANTS = ("auto", "fused", "cublas-cat", "cublas-addmm", "small")
+VARIANTS = ("auto", "cat", "addmm")
 
 
 DEVICE = "cuda"
@@ -164,7 +164,6 @@ class Case:
     def fastlora(self, quant: bool, variant: str):
         from fastlora.ops import fused
 
-        path, _, merge = variant.partition("-")
         base = self.qw if quant else self.w
         x = self.x.detach().requires_grad_()
         A = self.A.detach().requires_grad_()
@@ -172,13 +171,11 @@ class Case:
         dy = self.dy
 
         def fwd():
-            fused.set_path(path, merge or "auto")
             with torch.no_grad():
-                return fused.lora_linear_fused(self.x, base, self.A, self.B, SCALING)
+                return fused.lora_linear_fused(self.x, base, self.A, self.B, SCALING, merge=variant)
 
         def fb():
-            fused.set_path(path, merge or "auto")
-            y = fused.lora_linear_fused(x, base, A, B, SCALING)
+            y = fused.lora_linear_fused(x, base, A, B, SCALING, merge=variant)
             return (y, *torch.autograd.grad(y, [x, A, B], dy))
 
         return fwd, fb
@@ -195,7 +192,7 @@ class Case:
         return y, dy @ w0 + SCALING * g @ A, SCALING * g.t() @ x, SCALING * dy.t() @ xa
 
 
-def run_shape(m, k, n, variants, log, fused_max_m=1 << 30):
+def run_shape(m, k, n, variants, log):
     case = Case(m, k, n)
     res = dict(M=m, K=k, N=n, r=R)
     ffwd, ffb = case.floor()
@@ -207,10 +204,8 @@ def run_shape(m, k, n, variants, log, fused_max_m=1 << 30):
         del model, fwd, fb
         truth = case.truth(quant)
         for v in variants:
-            if v == "fused" and m > fused_max_m:
-                continue
             fwd, fb = case.fastlora(quant, v)
-            out = fb()  # first call: autotuning + correctness
+            out = fb()  # first call: compilation + correctness
             errs = [_relerr(a, b) for a, b in zip(out, truth)]
             del out
             res[f"fl_{tag}_{v}"] = dict(
@@ -248,9 +243,7 @@ def graph_fwd(case: Case, sets: int = 8) -> dict:
         peft = [c.peft(quant) for c in cases]
         out[f"peft_{tag}"] = graph_ms([p[0] for p in peft])
         del peft
-        for v in ("auto", "fused", "cublas-addmm", "small"):
-            if v == "small" and not quant:
-                continue
+        for v in ("auto", "cat"):
             out[f"fl_{tag}_{v}"] = graph_ms([c.fastlora(quant, v)[0] for c in cases])
     del cases
     _empty_cache()
@@ -293,9 +286,6 @@ def parts(log):
             row["down"] = do_bench(lambda c=c: lora_down(c.x, c.A))
             row["down_cat"] = do_bench(lambda c=c: lora_down(c.x, c.A, cat_width=R, scaling=SCALING))
             row["bwd_aux"] = do_bench(lambda c=c, xa=xa: lora_bwd_aux(c.dy, c.x, xa, c.A, c.B, SCALING))
-            row["bwd_aux_cat"] = do_bench(
-                lambda c=c, xa=xa: lora_bwd_aux(c.dy, c.x, xa, c.A, c.B, SCALING, cat_width=R)
-            )
             y = torch.mm(c.x, c.w.t())
             row["up_add_y"] = do_bench(lambda y=y, c=c, xa=xa: lora_up_add(y, xa, c.B.t(), SCALING))
             row["mm_fwd"] = do_bench(lambda c=c: torch.mm(c.x, c.w.t()))
@@ -372,7 +362,6 @@ def main(argv=None):
     ap.add_argument("--shapes", type=str, default=None, help="e.g. 4096x4096,14336x4096 (K x N)")
     ap.add_argument("--variants", type=str, default=",".join(VARIANTS))
     ap.add_argument("--no-parts", action="store_true")
-    ap.add_argument("--fused-max-m", type=int, default=1 << 30, help="skip the forced 'fused' variant above this M")
     ap.add_argument("--host", action="store_true", help="also measure host time per call and profile it")
     ap.add_argument("--smoke", action="store_true", help="CPU, interpreter, tiny shapes: checks the script runs")
     ap.add_argument("--out", type=str, default=str(Path(__file__).parent / "results" / "layer.json"))
@@ -412,7 +401,7 @@ def main(argv=None):
 
     for k, n in shapes:
         for m in ms:
-            results.append(run_shape(m, k, n, variants, log, args.fused_max_m))
+            results.append(run_shape(m, k, n, variants, log))
             save()
     if args.host and DEVICE == "cuda":
         meta["host"] = host_profile(log)

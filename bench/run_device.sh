@@ -15,12 +15,6 @@ export PYTHONPATH=/tmp/fl:/tmp/site
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,driver_version --format=csv | tee "$OUT/env.txt"
 python3 -c "import torch, triton, peft, transformers, bitsandbytes as b; print('torch', torch.__version__, 'triton', triton.__version__, 'peft', peft.__version__, 'transformers', transformers.__version__, 'bnb', b.__version__)" 2>&1 | tail -1 | tee -a "$OUT/env.txt"
 if [ "${TESTS:-1}" = 1 ]; then
-    # One pinned config per GEMM for the tests (correctness does not depend on it; the benchmark
-    # checks every autotuned config against an fp32 truth at the real shapes).
-    FASTLORA_TRITON_CONFIG_LORA_FWD="BLOCK_M=64,BLOCK_N=64,BLOCK_K=64,GROUP_M=4,num_warps=4,num_stages=3" \
-    FASTLORA_TRITON_CONFIG_LORA_DX="BLOCK_M=64,BLOCK_N=64,BLOCK_K=64,GROUP_M=4,num_warps=4,num_stages=3" \
-    FASTLORA_TRITON_CONFIG_DEQUANT="BLOCK_R=16,BLOCK_K=256,num_warps=4,num_stages=2" \
-    FASTLORA_TRITON_CONFIG_LORA_SMALL="BLOCK_N=64,BLOCK_K=128,num_warps=4,num_stages=3" \
     timeout "${TEST_TIMEOUT:-240}" python3 -P -m pytest tests/test_kernels.py -q -p no:cacheprovider --maxfail=5 ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/pytest.log" | tail -25
 fi
 if [ "${BENCH:-1}" = 1 ]; then

@@ -30,7 +30,7 @@ from common import llama8b_config, quantize_linears, token_batches
 import fastlora
 
 GIB = 1024**3
-ARMS = ("fastlora-nf4", "peft-bnb-nf4", "fastlora-bf16", "peft-bf16", "fastlora-nf4-compile")
+ARMS = ("fastlora-nf4", "peft-bnb-nf4", "fastlora-bf16", "peft-bf16", "fastlora-nf4-compile", "peft-bnb-nf4-compile")
 
 
 def make_batches(n: int, batch: int, seq: int, vocab: int, seed: int, device: torch.device) -> list[torch.Tensor]:
@@ -212,6 +212,7 @@ def agreement(base_nf4, batches, args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--model", choices=["8b", "3b"], default="8b", help="3b: hidden 3072, MLP 8192, 24/8 heads")
     p.add_argument("--shapes", nargs="+", default=["2x2048", "8x1024"])
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32)
@@ -233,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     cfg = llama8b_config(args.layers, tiny=args.tiny)
+    if args.model == "3b" and not args.tiny:
+        cfg.update(dict(hidden_size=3072, intermediate_size=8192, num_attention_heads=24, num_key_value_heads=8))
     with torch.device(device):
         base_bf16 = LlamaForCausalLM(cfg).to(torch.bfloat16)
     base_bf16.requires_grad_(False)
@@ -265,11 +268,14 @@ def main(argv: list[str] | None = None) -> int:
                 results["runs"].append(r)
                 print(json.dumps(r), flush=True)
                 args.json.write_text(json.dumps(results, indent=1))  # a run cut short keeps its arms
-            if not args.no_compile and (not args.arms or "fastlora-nf4-compile" in args.arms):
-                r = run_arm("fastlora-nf4-compile", arms[0][1], batches, args, ckpt, compile_model=True)
+            for label, build in (("fastlora-nf4-compile", arms[0][1]), ("peft-bnb-nf4-compile", arms[1][1])):
+                if args.no_compile or (args.arms and label not in args.arms):
+                    continue
+                r = run_arm(label, build, batches, args, ckpt, compile_model=True)
                 r["shape"] = shape
                 results["runs"].append(r)
                 print(json.dumps(r), flush=True)
+                args.json.write_text(json.dumps(results, indent=1))
     if args.no_agreement:
         args.json.write_text(json.dumps(results, indent=1))
         return print_table(results, args)

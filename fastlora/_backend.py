@@ -6,6 +6,7 @@ import os
 
 _VALID = ("auto", "torch", "triton")
 _backend: str | None = None
+_env_backend: str | None = None  # $FASTLORA_BACKEND as read by the first op call (see current())
 
 
 def set_backend(name: str) -> None:
@@ -31,3 +32,14 @@ def get_backend() -> str:
     if name not in _VALID:
         raise ValueError(f"fastlora: FASTLORA_BACKEND={name!r} is not one of {', '.join(_VALID)}")
     return name
+
+
+def current() -> str:
+    """The backend for an op call: :func:`get_backend` without re-reading the environment on every
+    call (``$FASTLORA_BACKEND`` is read by the first call; :func:`set_backend` always takes effect)."""
+    global _env_backend
+    if _backend is not None:
+        return _backend
+    if _env_backend is None:
+        _env_backend = get_backend()
+    return _env_backend

@@ -207,11 +207,12 @@ class LoraLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(self._width_error(x))
         dtype = self._compute_dtype(x)
-        lora_A, lora_B = self.lora_A.to(dtype), self.lora_B.to(dtype)
+        # A and B go to the op in their own dtype (fp32 by default): it casts them to x's itself.
+        lora_A, lora_B = self.lora_A, self.lora_B
         if self.lora_A0 is not None and not self.offset_in_base:
             # Rank-2r op with the frozen half negated: W0 + s·(B·A − B0·A0) in one pass.
-            lora_A = torch.cat([lora_A, self.lora_A0.to(dtype)], dim=0)
-            lora_B = torch.cat([lora_B, -self.lora_B0.to(dtype)], dim=1)
+            lora_A = torch.cat([lora_A.to(dtype), self.lora_A0.to(dtype)], dim=0)
+            lora_B = torch.cat([lora_B.to(dtype), -self.lora_B0.to(dtype)], dim=1)
         bias = self.base_layer.bias
         if bias is not None:
             bias = bias.to(dtype)

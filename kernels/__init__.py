@@ -2,40 +2,29 @@
 
 * :func:`dequant_4bit` -- bitsandbytes NF4/FP4 storage (double quantisation included) to a dense
   matrix, bit-identical to ``bitsandbytes.functional.dequantize_4bit``.
-* :func:`lora_fwd_fused` / :func:`lora_dx_fused` -- base GEMM + LoRA term in one kernel, W0 dense
-  or 4-bit (dequantised tile by tile in registers).
-* :func:`lora_fwd_small` -- the forward for few rows (decode, eval) on a 4-bit W0: codes read as
-  32-bit words, decoded by warp shuffles, split over K.
-* :func:`lora_down`, :func:`lora_bwd_aux`, :func:`lora_up_add` -- the LoRA-only passes.
+* :func:`lora_down`, :func:`lora_bwd_aux`, :func:`lora_up_add` -- the LoRA-only passes that apply
+  dropout (a Philox keep-mask regenerated from a seed, never stored) or build the forward's
+  concatenated operand.
 
-Autotuned kernels take their configs from one function each; ``FASTLORA_TRITON_CONFIG_<KERNEL>``
-pins one (see :func:`fastlora.kernels._common.pinned_config`). ``FASTLORA_NF4_LOOKUP`` /
-:func:`set_nf4_lookup` pick how 4-bit codes become values ("auto", the default: the fastest per kernel as measured;
-"select" tree; "gather"; "gather1d").
+Every kernel launches with one fixed, measured config (no autotuner on the launch path) through
+:func:`launcher`, so the same launch sites run eagerly and inside ``torch.library.triton_op`` bodies
+that torch.compile traces.
 """
 
-from ._common import NF4_LOOKUPS, Packed4bit, interpreting, nf4_lookup, seed_tensor, set_nf4_lookup
-from .dequant import dequant_4bit
-from .lora_aux import down_splits, dropout_keep_mask, lora_bwd_aux, lora_down, lora_up_add
-from .lora_gemm import lora_dx_fused, lora_fwd_fused
-from .lora_small import lora_fwd_small, small_lookup, small_supported
+from ._common import NF4_LOOKUPS, Packed4bit, interpreting, launcher, seed_tensor
+from .dequant import dequant_4bit, dequant_packed
+from .lora_aux import dropout_keep_mask, lora_bwd_aux, lora_down, lora_up_add
 
 __all__ = [
     "NF4_LOOKUPS",
     "Packed4bit",
     "dequant_4bit",
-    "down_splits",
+    "dequant_packed",
     "dropout_keep_mask",
     "interpreting",
+    "launcher",
     "lora_bwd_aux",
     "lora_down",
-    "lora_dx_fused",
-    "lora_fwd_fused",
-    "lora_fwd_small",
     "lora_up_add",
-    "nf4_lookup",
     "seed_tensor",
-    "set_nf4_lookup",
-    "small_lookup",
-    "small_supported",
 ]

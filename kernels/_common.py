@@ -1,4 +1,4 @@
-"""Shared pieces of the fastlora Triton kernels: interpreter detection, config pinning, W-tile loading.
+"""Shared pieces of the fastlora Triton kernels: interpreter detection, launch sites, 4-bit code tables, dropout.
 
 Everything here is model-agnostic: kernels see plain tensors (packed 4-bit bytes, scales, code
 tables, dense matrices) and integers.
@@ -30,56 +30,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def tl_dtype(dtype: torch.dtype):
-    """The Triton dtype of a torch float dtype."""
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
-
-
-def pinned_config(name: str) -> dict | None:
-    """A config pinned through ``FASTLORA_TRITON_CONFIG_<NAME>="BLOCK_M=16,BLOCK_N=64,...,num_warps=4"``.
-
-    Keys are the kernel's ``BLOCK_*``/``GROUP_M`` meta-parameters plus ``num_warps`` and ``num_stages``.
-    Returns None when the variable is unset.
-    """
-    raw = os.environ.get(f"FASTLORA_TRITON_CONFIG_{name.upper()}", "").strip()
-    if not raw:
-        return None
-    out = {}
-    for item in raw.split(","):
-        key, _, val = item.partition("=")
-        out[key.strip()] = int(val)
-    return out
-
-
-def make_configs(name: str, options: list[dict], interp: dict | None = None) -> list[triton.Config]:
-    """The autotune configs of kernel ``name``: ``options`` (dicts of meta-parameters plus
-    ``num_warps``/``num_stages``), or just the pinned one (see :func:`pinned_config`), or under the
-    interpreter ``interp`` alone (default: the first option; autotuning interpreted kernels would
-    only cost time)."""
-    pinned = pinned_config(name)
-    if pinned is not None:
-        options = [pinned]
-    elif interpreting():
-        options = [interp or options[0]]
-    configs = []
-    for opt in options:
-        opt = dict(opt)
-        warps, stages = opt.pop("num_warps", 4), opt.pop("num_stages", 2)
-        configs.append(triton.Config(opt, num_warps=warps, num_stages=stages))
-    return configs
-
-
-def prune_by_m(configs, named_args, **kwargs):
-    """Keep the configs whose ``BLOCK_M`` suits the launch's ``M_BUCKET`` (all of them if none does)."""
-    mb = named_args["M_BUCKET"]
-    lo, hi = (16, 16) if mb <= 32 else (32, 64) if mb <= 256 else (64, 256)
-    kept = [c for c in configs if lo <= c.kwargs.get("BLOCK_M", lo) <= hi]
-    return kept or configs
-
-
-def m_bucket(m: int) -> int:
-    """Autotune key for the row count: the next power of two, capped at 4096."""
-    return min(4096, triton.next_power_of_2(max(1, m)))
+def launcher(kernel, like: torch.Tensor):
+    """``kernel`` as the launch site should call it: the raw Triton kernel for plain tensors (eager:
+    no higher-order-op dispatch), or ``torch.library.wrap_triton(kernel)`` while a ``triton_op`` body
+    is traced by torch.compile (fake/functional tensors), so that Inductor records and launches it."""
+    if type(like) is torch.Tensor:
+        return kernel
+    return torch.library.wrap_triton(kernel)
 
 
 class Packed4bit(NamedTuple):
@@ -106,64 +63,17 @@ QTYPES = {"nf4": 0, "fp4": 1}
 # see ``code_lookup``): "select" (0) -- a 15-``tl.where`` select tree on the code's bits; "gather" (1)
 # -- ``tl.gather`` from the 16-entry table broadcast to the tile's rows (warp shuffles); "gather1d" (2)
 # -- a rank-1 ``tl.gather`` (through shared memory). Same values bit for bit (the exact fp32 entry).
-# "auto" (the default) is what measured fastest per kernel on an H100 with Triton 3.6
-# (bench/NOTES.md, bench/bench_lookup.py): "gather" in the dequantisation kernel (2.3x faster at
-# 4096x4096, 1.2x at the 14336-wide shapes), "select" in the fused GEMMs (there the lookup is not the
-# bottleneck and the gather measured 10-20 % slower). Read once from FASTLORA_NF4_LOOKUP (NF4 and FP4
-# alike); :func:`set_nf4_lookup` switches it at run time (Triton compiles and caches one kernel per
-# constexpr value, so switching costs one compile per kernel).
-NF4_LOOKUPS = {"auto": None, "select": 0, "gather": 1, "gather1d": 2}
+# The dequantisation kernel uses "gather": measured fastest on an H100 with Triton 3.6 (2.3x the
+# select tree at 4096x4096, 1.2x at the 14336-wide shapes; bench/NOTES.md). The others stay
+# selectable per call (``dequant_4bit(lookup=...)``) for the benchmark and the tests.
+NF4_LOOKUPS = {"select": 0, "gather": 1, "gather1d": 2}
 
 
-def _lookup_code(name: str) -> int | None:
+def lookup_code(name: str) -> int:
+    """The ``LOOKUP`` constexpr of lookup ``name`` (a key of :data:`NF4_LOOKUPS`)."""
     if name not in NF4_LOOKUPS:
-        raise ValueError(f"fastlora.kernels: 4-bit lookup must be one of {sorted(NF4_LOOKUPS)}, got {name!r}")
+        raise ValueError(f"fastlora.kernels: 4-bit lookup must be one of {', '.join(NF4_LOOKUPS)}, got {name!r}")
     return NF4_LOOKUPS[name]
-
-
-_nf4_lookup = _lookup_code(os.environ.get("FASTLORA_NF4_LOOKUP", "auto").strip() or "auto")
-
-
-def set_nf4_lookup(name: str) -> None:
-    """Use ``name`` (a key of :data:`NF4_LOOKUPS`) for the 4-bit code lookup of every later launch."""
-    global _nf4_lookup
-    _nf4_lookup = _lookup_code(name)
-
-
-def nf4_lookup() -> str:
-    """The 4-bit code lookup in force (a key of :data:`NF4_LOOKUPS`)."""
-    return {v: k for k, v in NF4_LOOKUPS.items()}[_nf4_lookup]
-
-
-def weight_args(w: torch.Tensor | Packed4bit, auto_lookup: int = 0) -> tuple[tuple, dict]:
-    """Kernel arguments ``(w_ptr, stride_wn, stride_wk, q_ptr, absmax_ptr, absmax2_ptr, code2_ptr,
-    offset_ptr)`` and the constexprs of ``load_w_tile`` for a dense ``[N, K]`` matrix (any strides)
-    or a :class:`Packed4bit` (``LOOKUP``: the 4-bit code lookup in force, see :func:`set_nf4_lookup`;
-    under "auto" the calling kernel's ``auto_lookup``)."""
-    if isinstance(w, Packed4bit):
-        packed = w.packed if w.packed.dtype == torch.uint8 else w.packed.view(torch.uint8)
-        packed = packed.reshape(-1)
-        absmax = w.absmax.reshape(-1)
-        if w.nested:
-            nest = (w.absmax2, w.code2, w.offset.reshape(1).to(torch.float32))
-            log2_exact(w.blocksize2)
-        else:
-            nest = (absmax, absmax, absmax)
-        k = w.shape[1]
-        args = (packed, 0, 0, packed, absmax, *nest)
-        consts = dict(
-            QUANT=True, NESTED=w.nested, EVEN_K=k % 2 == 0, QTYPE=QTYPES[w.quant_type], BS=w.blocksize,
-            BS2=w.blocksize2 if w.nested else 256, K_ALIGNED=k % w.blocksize == 0,
-            LOOKUP=auto_lookup if _nf4_lookup is None else _nf4_lookup,
-        )  # fmt: skip
-        log2_exact(w.blocksize)
-        return args, consts
-    args = (w, w.stride(0), w.stride(1), w, w, w, w, w)
-    return args, dict(QUANT=False, NESTED=False, EVEN_K=True, QTYPE=0, BS=64, BS2=256, K_ALIGNED=True, LOOKUP=0)
-
-
-def weight_shape(w: torch.Tensor | Packed4bit) -> tuple[int, int]:
-    return tuple(w.shape) if isinstance(w, Packed4bit) else (w.shape[0], w.shape[1])
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:
@@ -188,12 +98,25 @@ if interpreting():
             x = bits.to(tl.float32, bitcast=True)
         return x.to(OUT)
 
+    @triton.jit
+    def mul_rn(a, b):
+        """fp32 ``a * b`` (the interpreter computes in numpy: no FMA is ever formed)."""
+        return a * b
+
 else:
 
     @triton.jit
     def cast(x, OUT: tl.constexpr):
         """``x.to(OUT)`` rounding to nearest even."""
         return x.to(OUT)
+
+    @triton.jit
+    def mul_rn(a, b):
+        """fp32 ``a * b`` rounded on its own: ``mul.rn`` is never contracted with a following add into
+        an FMA (kernels launched by Inductor cannot pass ``enable_fp_fusion=False``)."""
+        return tl.inline_asm_elementwise(
+            "mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32, is_pure=True, pack=1
+        )
 
 
 @triton.jit
@@ -283,97 +206,16 @@ def code_lookup(nib, QTYPE: tl.constexpr, LOOKUP: tl.constexpr):
 @triton.jit
 def block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, mask, BS2: tl.constexpr, NESTED: tl.constexpr):
     """fp32 scale of 4-bit block ``blk`` (any shape): ``absmax[blk]``, or with double quantisation
-    ``code2[q[blk]] * absmax2[blk // BS2]`` then ``+ offset[0]`` (two fp32 roundings, as bnb; the
-    kernels that call this are launched with ``enable_fp_fusion=False`` so no FMA is formed)."""
+    ``code2[q[blk]] * absmax2[blk // BS2]`` then ``+ offset[0]`` (two fp32 roundings, as bnb: the
+    product is a ``mul_rn``, so no FMA is formed)."""
     if NESTED:
         q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
         s2 = tl.load(absmax2_ptr + blk // BS2, mask=mask, other=0.0)
-        scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * s2
+        scale = mul_rn(tl.load(code2_ptr + q, mask=mask, other=0.0), s2)
         scale = scale + tl.load(offset_ptr)
     else:
         scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
     return scale
-
-
-@triton.jit
-def load_w_tile(
-    w_ptr,
-    stride_wn,
-    stride_wk,
-    q_ptr,
-    absmax_ptr,
-    absmax2_ptr,
-    code2_ptr,
-    offset_ptr,
-    offs_n,
-    k0,
-    N,
-    K,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    QUANT: tl.constexpr,
-    NESTED: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    QTYPE: tl.constexpr,
-    BS: tl.constexpr,
-    BS2: tl.constexpr,
-    K_ALIGNED: tl.constexpr,
-    PAIRED: tl.constexpr,
-    OUT: tl.constexpr,
-    LOOKUP: tl.constexpr = 0,
-):
-    """``W0[offs_n, k0:k0+BLOCK_K]`` as a ``[BLOCK_R, BLOCK_K]`` tile of dtype ``OUT``, zero outside ``[N, K]``.
-
-    Dense W0: a strided load. 4-bit W0 (bitsandbytes layout, see ``dequant.py``): read the packed
-    bytes and dequantise in registers, each value ``code[q] * scale`` in fp32 rounded once to
-    ``OUT`` -- the same numbers as ``bitsandbytes.functional.dequantize_4bit``. The code value comes
-    from a select tree or a register gather (``LOOKUP``, see :func:`code_lookup`; no memory load);
-    when the tile's rows lie inside single scale blocks (``K % BS == 0`` and ``BLOCK_K <= BS``) one
-    scale per row is loaded, else one per element.
-    ``PAIRED`` (K even) loads each byte once and interleaves its two nibbles (``tl.join``) -- used by
-    the dequantisation kernel; the GEMMs load per element (a joined tile feeding ``tl.dot`` breaks
-    Triton 3.6's layout passes).
-    """
-    if QUANT:
-        row_scale: tl.constexpr = K_ALIGNED and BLOCK_K <= BS
-        if PAIRED:
-            offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BH] byte column inside a row
-            mask = (offs_n[:, None] < N) & (offs_p[None, :] < K // 2)  # [BR, BH]
-            byte = offs_n[:, None] * (K // 2) + offs_p[None, :]  # [BR, BH]
-            b = tl.load(q_ptr + byte, mask=mask, other=0).to(tl.int32)
-            if row_scale:
-                blk = (offs_n * K + k0) // BS  # [BR]
-                scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, offs_n < N, BS2, NESTED)[
-                    :, None
-                ]
-            else:
-                scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (byte * 2) // BS, mask, BS2, NESTED)
-            hi = cast(code_lookup(b >> 4, QTYPE, LOOKUP) * scale, OUT)  # [BR, BH] even columns
-            lo = cast(code_lookup(b & 15, QTYPE, LOOKUP) * scale, OUT)  # [BR, BH] odd columns
-            w = tl.join(hi, lo).reshape(BLOCK_R, BLOCK_K)  # [BR, BK]
-        else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
-            mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-            flat = offs_n[:, None] * K + offs_k[None, :]  # [BR, BK]
-            b = tl.load(q_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
-            if EVEN_K:  # noqa: SIM108 (constexpr branch) -- the flat index has the column's parity
-                nib = (b >> (((offs_k + 1) & 1) * 4)[None, :]) & 15
-            else:
-                nib = (b >> (((flat + 1) & 1) * 4)) & 15
-            if row_scale:
-                blk = (offs_n * K + k0) // BS  # [BR]
-                scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, offs_n < N, BS2, NESTED)[
-                    :, None
-                ]
-            else:
-                scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BS, mask, BS2, NESTED)
-            w = cast(code_lookup(nib, QTYPE, LOOKUP) * scale, OUT)
-    else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :] * stride_wk
-        w = tl.load(ptrs, mask=mask, other=0.0).to(OUT)
-    return w
 
 
 def seed_tensor(seed: torch.Tensor | int, device: torch.device) -> torch.Tensor:

@@ -13,24 +13,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NF4_LOOKUPS, Packed4bit, load_w_tile, make_configs, tl_dtype, weight_args
+from ._common import (
+    QTYPES,
+    Packed4bit,
+    block_scale,
+    cast,
+    code_lookup,
+    interpreting,
+    launcher,
+    log2_exact,
+    lookup_code,
+)
 
-__all__ = ["dequant_4bit"]
+__all__ = ["dequant_4bit", "dequant_packed"]
+
+# One tile config, measured on an H100/H200 (bench/bench_lookup.py): no autotuner on the launch path,
+# and a kernel Inductor can launch as is (see ``fastlora.ops.fused``).
+_BLOCK_R, _BLOCK_K, _WARPS = 64, 64, 4
+_INTERP_BLOCK_R, _INTERP_BLOCK_K = 32, 64  # small tiles keep the interpreter fast on test shapes
 
 
-def _configs():
-    return make_configs(
-        "dequant",
-        [
-            dict(BLOCK_R=64, BLOCK_K=64, num_warps=4, num_stages=2),
-            dict(BLOCK_R=32, BLOCK_K=64, num_warps=4, num_stages=2),
-            dict(BLOCK_R=128, BLOCK_K=64, num_warps=8, num_stages=2),
-            dict(BLOCK_R=16, BLOCK_K=256, num_warps=4, num_stages=2),
-        ],
-    )
-
-
-@triton.autotune(configs=_configs(), key=["N", "K", "NESTED", "BS", "OUT", "LOOKUP"])
 @triton.jit
 def _dequant4_kernel(
     q_ptr,
@@ -44,45 +46,47 @@ def _dequant4_kernel(
     K,
     NESTED: tl.constexpr,
     EVEN_K: tl.constexpr,
+    K_ALIGNED: tl.constexpr,
     QTYPE: tl.constexpr,
     BS: tl.constexpr,
     BS2: tl.constexpr,
-    K_ALIGNED: tl.constexpr,
     LOOKUP: tl.constexpr,
-    OUT: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
-    k0 = pid_k * BLOCK_K
-    w = load_w_tile(
-        q_ptr,
-        0,
-        0,
-        q_ptr,
-        absmax_ptr,
-        absmax2_ptr,
-        code2_ptr,
-        offset_ptr,
-        offs_n,
-        k0,
-        N,
-        K,
-        BLOCK_R,
-        BLOCK_K,
-        True,
-        NESTED,
-        EVEN_K,
-        QTYPE,
-        BS,
-        BS2,
-        K_ALIGNED,
-        EVEN_K,
-        OUT,
-        LOOKUP,
-    )  # [BR, BK]  (fmt: skip)
+    """``out[n, k] = code[q] * scale`` for one ``[BLOCK_R, BLOCK_K]`` tile, in fp32 rounded once to
+    out's dtype. With K even each byte is loaded once and its two nibbles interleaved (``tl.join``);
+    when the tile's rows lie inside single scale blocks (``K_ALIGNED``: ``K % BS == 0``; ``BLOCK_K <= BS``) one scale
+    per row is loaded, else one per element."""
+    OUT = out_ptr.dtype.element_ty
+    offs_n = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    k0 = tl.program_id(1) * BLOCK_K
+    row_scale: tl.constexpr = K_ALIGNED and BLOCK_K <= BS
+    if EVEN_K:
+        offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BH] byte column inside a row
+        mask = (offs_n[:, None] < N) & (offs_p[None, :] < K // 2)  # [BR, BH]
+        byte = offs_n[:, None].to(tl.int64) * (K // 2) + offs_p[None, :]  # [BR, BH]
+        b = tl.load(q_ptr + byte, mask=mask, other=0).to(tl.int32)
+        if row_scale:
+            blk = (offs_n.to(tl.int64) * K + k0) // BS  # [BR]
+            scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, offs_n < N, BS2, NESTED)[:, None]
+        else:
+            scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (byte * 2) // BS, mask, BS2, NESTED)
+        hi = cast(code_lookup(b >> 4, QTYPE, LOOKUP) * scale, OUT)  # [BR, BH] even columns
+        lo = cast(code_lookup(b & 15, QTYPE, LOOKUP) * scale, OUT)  # [BR, BH] odd columns
+        w = tl.join(hi, lo).reshape(BLOCK_R, BLOCK_K)  # [BR, BK]
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
+        mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        flat = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]  # [BR, BK]
+        b = tl.load(q_ptr + (flat >> 1), mask=mask, other=0).to(tl.int32)
+        nib = (b >> (((flat + 1) & 1) * 4).to(tl.int32)) & 15
+        if row_scale:
+            blk = (offs_n.to(tl.int64) * K + k0) // BS  # [BR]
+            scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, blk, offs_n < N, BS2, NESTED)[:, None]
+        else:
+            scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, flat // BS, mask, BS2, NESTED)
+        w = cast(code_lookup(nib, QTYPE, LOOKUP) * scale, OUT)
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :], w, mask=mask)
@@ -101,6 +105,8 @@ def dequant_4bit(
     blocksize2: int = 256,
     offset: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    lookup: str = "gather",
+    block: tuple[int, int, int] | None = None,
 ) -> torch.Tensor:
     """Dequantise bitsandbytes 4-bit storage into a dense ``[N, K]`` matrix.
 
@@ -115,14 +121,35 @@ def dequant_4bit(
             ``offset`` is a 0-d/1-element fp32 tensor, read on the device (no host sync).
         out: optional destination whose first ``K`` columns receive W0 (its row stride may exceed
             ``K``, e.g. a ``[N, K + r]`` buffer whose tail holds other data; columns ``>= K`` are untouched).
+        lookup: how a code becomes its value (a key of ``NF4_LOOKUPS``; all bit-identical, "gather"
+            measured fastest). block: ``(BLOCK_R, BLOCK_K, num_warps)`` instead of the measured
+            default -- both for the benchmark.
     """
     n, k = shape
     if out is None:
         out = torch.empty((n, k), dtype=dtype, device=packed.device)
     assert out.dtype == dtype and out.shape[0] >= n and out.shape[1] >= k and out.stride(1) == 1
-    w = Packed4bit(packed, absmax, quant_type, (n, k), blocksize, absmax2, code2, blocksize2, offset)
-    args, consts = weight_args(w, auto_lookup=NF4_LOOKUPS["gather"])
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_R"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
-    consts.pop("QUANT")
-    _dequant4_kernel[grid](*args[3:], out, out.stride(0), n, k, OUT=tl_dtype(dtype), enable_fp_fusion=False, **consts)
+    log2_exact(blocksize)
+    packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
+    if absmax2 is not None:
+        log2_exact(blocksize2)
+        nest = (absmax2, code2, offset.reshape(1))
+    else:
+        nest = (absmax, absmax, absmax)
+    if block is None:
+        block = (_INTERP_BLOCK_R, _INTERP_BLOCK_K, 4) if interpreting() else (_BLOCK_R, _BLOCK_K, _WARPS)
+    br, bk, warps = block
+    launcher(_dequant4_kernel, packed)[(triton.cdiv(n, br), triton.cdiv(k, bk))](
+        packed.reshape(-1), absmax.reshape(-1), *nest, out, out.stride(0), n, k,
+        NESTED=absmax2 is not None, EVEN_K=k % 2 == 0, K_ALIGNED=k % blocksize == 0, QTYPE=QTYPES[quant_type], BS=blocksize, BS2=blocksize2 if absmax2 is not None else 256,
+        LOOKUP=lookup_code(lookup), BLOCK_R=br, BLOCK_K=bk, num_warps=warps,
+    )  # fmt: skip
     return out
+
+
+def dequant_packed(w: Packed4bit, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`dequant_4bit` of a :class:`Packed4bit`."""
+    return dequant_4bit(
+        w.packed, w.absmax, w.quant_type, w.shape, w.blocksize, dtype,
+        absmax2=w.absmax2, code2=w.code2, blocksize2=w.blocksize2, offset=w.offset, out=out,
+    )  # fmt: skip

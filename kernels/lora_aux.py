@@ -1,14 +1,14 @@
 """The LoRA-only passes around the base GEMM: down projection, the backward's one pass over dy,
 and an in-place low-rank update.
 
-* :func:`lora_down` -- ``xa = drop(x)·Aᵀ`` ``[M, r]``, optionally split over K (fp32 partials that
-  ``lora_fwd_fused`` sums) or copying x into ``x_cat = [x | s·xa | 0]`` for the cuBLAS path.
+* :func:`lora_down` -- ``xa = drop(x)·Aᵀ`` ``[M, r]``, optionally copying x into
+  ``x_cat = [x | s·xa | 0]`` (the forward's "cat" merge).
 * :func:`lora_bwd_aux` -- one program per row tile reads dy once for ``g = dy·B`` and
-  ``dB = s·dyᵀ·xa``, then x once for ``dA = s·gᵀ·drop(x)``; optionally writes ``dy_cat = [dy | s·g | 0]``.
+  ``dB = s·dyᵀ·xa``, then x once for ``dA = s·gᵀ·drop(x)``.
 * :func:`lora_up_add` -- ``out += s·(L·R) ⊙ keep/(1-p)`` in place (the cuBLAS path's LoRA merge).
 
 Dropout keep-masks come from ``tl.rand(seed, m·K + k)`` (Philox), identical in every kernel here and
-in ``lora_gemm``: a mask is regenerated, never stored.
+in every launch: a mask is regenerated, never stored.
 """
 
 from __future__ import annotations
@@ -22,37 +22,27 @@ from ._common import (
     dot_precision,
     dropout_scale,
     interpreting,
+    launcher,
     mma,
     next_pow2,
-    pinned_config,
     seed_arg,
     seed_tensor,
-    tl_dtype,
 )
 
-__all__ = ["down_splits", "dropout_keep_mask", "lora_bwd_aux", "lora_down", "lora_up_add"]
+__all__ = ["dropout_keep_mask", "lora_bwd_aux", "lora_down", "lora_up_add"]
 
 
-_META_CACHE: dict = {}
-
-
-def _meta(name: str, default: dict) -> dict:
-    """Launch meta-parameters: ``default`` unless pinned by ``FASTLORA_TRITON_CONFIG_<NAME>``. These
-    kernels accumulate with atomics or update in place, so they are not autotuned (re-running a
-    config would add twice); the defaults below were picked by measurement (bench/NOTES.md)."""
-    key = (name, tuple(default.items()))
-    if key in _META_CACHE:
-        return _META_CACHE[key]
-    meta = dict(default)
-    meta.update(pinned_config(name) or {})
+def _meta(**default) -> dict:
+    """Launch meta-parameters: these kernels accumulate with atomics or update in place, so they are
+    not autotuned (re-running a config would add twice); the values were picked by measurement
+    (bench/NOTES.md). The interpreter runs one stage."""
     if interpreting():
-        meta.update(num_warps=4, num_stages=1)
-    _META_CACHE[key] = meta
-    return meta
+        default.update(num_warps=4, num_stages=1)
+    return default
 
 
 def _consts(dtype: torch.dtype) -> dict:
-    return dict(DTYPE=tl_dtype(dtype), PREC=dot_precision(dtype), F32=interpreting())
+    return dict(PREC=dot_precision(dtype), F32=interpreting())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +56,6 @@ def _lora_down_kernel(
     a_ptr,
     stride_ar,
     stride_ak,
-    part_ptr,
     xa_ptr,
     xcat_ptr,
     stride_cm,
@@ -74,30 +63,26 @@ def _lora_down_kernel(
     K,
     R,
     RP,
-    K_SPLIT,
     scaling,
     seed_ptr,
     p,
-    SPLITS: tl.constexpr,
     CAT: tl.constexpr,
     DROPOUT: tl.constexpr,
-    DTYPE: tl.constexpr,
     PREC: tl.constexpr,
     F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
+    DTYPE = x_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
-    pid_s = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     offs_r = tl.arange(0, BLOCK_R)  # [BR]
     m_ok = offs_m < M
     r_ok = offs_r < R
-    k_lo = pid_s * K_SPLIT
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)  # [BM, BR]
-    for kk in range(0, K_SPLIT, BLOCK_K):
-        offs_k = k_lo + kk + tl.arange(0, BLOCK_K)  # [BK]
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # [BK]
         mask = m_ok[:, None] & (offs_k[None, :] < K)
         x = tl.load(
             x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0
@@ -111,26 +96,12 @@ def _lora_down_kernel(
             other=0.0,
         )  # [BR, BK]
         acc = mma(xd, tl.trans(a), acc, PREC, F32)
-    if SPLITS == 1:
-        xa = cast(acc, DTYPE)
-        tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], xa, mask=m_ok[:, None] & r_ok[None, :])
-        if CAT:  # tail of x_cat: s·xa, then zeros up to RP (the aligned width)
-            tail = cast(xa.to(tl.float32) * scaling, DTYPE)
-            ptrs = xcat_ptr + offs_m[:, None].to(tl.int64) * stride_cm + K + offs_r[None, :]
-            tl.store(ptrs, tail, mask=m_ok[:, None] & (offs_r[None, :] < RP))
-    else:
-        ptrs = part_ptr + pid_s * M * BLOCK_R + offs_m[:, None] * BLOCK_R + offs_r[None, :]
-        tl.store(ptrs, acc, mask=m_ok[:, None])
-
-
-def down_splits(m: int, k: int) -> int:
-    """Split-K factor for :func:`lora_down`: with few rows (decode, small batches) one program per
-    row tile would read all of x and A alone, so K is split for parallelism; 1 (no partials) otherwise."""
-    if m > 64:
-        return 1
-    if interpreting():
-        return 2 if k >= 128 else 1  # exercise the split path on small CPU shapes
-    return max(1, min(32, k // 512))
+    xa = cast(acc, DTYPE)
+    tl.store(xa_ptr + offs_m[:, None] * R + offs_r[None, :], xa, mask=m_ok[:, None] & r_ok[None, :])
+    if CAT:  # tail of x_cat: s·xa, then zeros up to RP (the aligned width)
+        tail = cast(xa.to(tl.float32) * scaling, DTYPE)
+        ptrs = xcat_ptr + offs_m[:, None].to(tl.int64) * stride_cm + K + offs_r[None, :]
+        tl.store(ptrs, tail, mask=m_ok[:, None] & (offs_r[None, :] < RP))
 
 
 def lora_down(
@@ -139,7 +110,6 @@ def lora_down(
     *,
     dropout_p: float = 0.0,
     seed: torch.Tensor | int = 0,
-    splits: int = 1,
     cat_width: int = 0,
     scaling: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -147,42 +117,29 @@ def lora_down(
 
     Args:
         x: ``[M, K]`` (any strides). lora_A: ``[r, K]``.
-        splits: K-splits. 1 returns ``xa`` ``[M, r]`` in x's dtype; more return fp32 partials
-            ``[splits, M, BLOCK_R]`` for ``lora_fwd_fused(xa_splits=splits)``.
-        cat_width: > 0 (splits == 1 only) also returns ``x_cat [M, K + cat_width] = [x | s·xa | 0]``
+        cat_width: > 0 also returns ``x_cat [M, K + cat_width] = [x | s·xa | 0]``
             (``cat_width >= r``), so that a single GEMM against ``[W0 | B | 0]`` gives the whole output.
 
     Returns:
-        ``(xa or partials, x_cat or None)``.
+        ``(xa [M, r] in x's dtype, x_cat or None)``.
     """
     m, k = x.shape
     r = lora_A.shape[0]
     br = next_pow2(r)
-    assert cat_width == 0 or (splits == 1 and r <= cat_width <= br)
-    meta = _meta(
-        "lora_down",
-        dict(BLOCK_M=16 if m <= 8192 else 32, BLOCK_K=64 if interpreting() else 128, num_warps=4, num_stages=3),
-    )
-    bk = meta["BLOCK_K"]
-    k_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
-    splits = triton.cdiv(k, k_split)
-    if splits == 1:
-        xa = torch.empty((m, r), dtype=x.dtype, device=x.device)
-        part = xa
-    else:
-        part = torch.empty((splits, m, br), dtype=torch.float32, device=x.device)
-        xa = part
+    assert cat_width == 0 or r <= cat_width <= br
+    meta = _meta(BLOCK_M=16 if m <= 8192 else 32, BLOCK_K=64 if interpreting() else 128, num_warps=4, num_stages=3)
+    xa = torch.empty((m, r), dtype=x.dtype, device=x.device)
     xcat = torch.empty((m, k + cat_width), dtype=x.dtype, device=x.device) if cat_width else None
-    grid = (triton.cdiv(m, meta["BLOCK_M"]), splits)
-    _lora_down_kernel[grid](
+    grid = (triton.cdiv(m, meta["BLOCK_M"]),)
+    launcher(_lora_down_kernel, x)[grid](
         x, x.stride(0), x.stride(1),
         lora_A, lora_A.stride(0), lora_A.stride(1),
-        part, xa, xcat if xcat is not None else xa, xcat.stride(0) if xcat is not None else 0,
-        m, k, r, cat_width, k_split, float(scaling), seed_arg(seed, dropout_p, x), float(dropout_p),
-        SPLITS=splits, CAT=xcat is not None, DROPOUT=dropout_p > 0.0, BLOCK_R=br,
+        xa, xcat if xcat is not None else xa, xcat.stride(0) if xcat is not None else 0,
+        m, k, r, cat_width, float(scaling), seed_arg(seed, dropout_p, x), float(dropout_p),
+        CAT=xcat is not None, DROPOUT=dropout_p > 0.0, BLOCK_R=br,
         **meta, **_consts(x.dtype),
     )  # fmt: skip
-    return (xa if splits == 1 else part), xcat
+    return xa, xcat
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,21 +159,16 @@ def _lora_bwd_aux_kernel(
     stride_xm,
     stride_xk,
     g_ptr,
-    dycat_ptr,
-    stride_cm,
     da_ptr,
     db_ptr,
     M,
     N,
     K,
     R,
-    RP,
     scaling,
     seed_ptr,
     p,
-    CAT: tl.constexpr,
     DROPOUT: tl.constexpr,
-    DTYPE: tl.constexpr,
     PREC: tl.constexpr,
     F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -224,6 +176,7 @@ def _lora_bwd_aux_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
+    DTYPE = dy_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     offs_r = tl.arange(0, BLOCK_R)  # [BR]
@@ -240,8 +193,6 @@ def _lora_bwd_aux_kernel(
         dy = tl.load(
             dy_ptr + offs_m[:, None].to(tl.int64) * stride_dm + offs_n[None, :] * stride_dn, mask=mask, other=0.0
         )
-        if CAT:
-            tl.store(dycat_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :], dy, mask=mask)
         b = tl.load(
             b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
             mask=n_ok[:, None] & r_ok[None, :],
@@ -251,11 +202,7 @@ def _lora_bwd_aux_kernel(
         db = mma(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), PREC, F32)  # [BN, BR]
         tl.atomic_add(db_ptr + offs_n[:, None] * BLOCK_R + offs_r[None, :], db * scaling, mask=n_ok[:, None])
     gd = cast(g, DTYPE)  # rounded as the reference's dy·B
-    if CAT:  # tail of dy_cat: s·g, then zeros up to RP
-        ptrs = dycat_ptr + offs_m[:, None].to(tl.int64) * stride_cm + N + offs_r[None, :]
-        tl.store(ptrs, cast(gd.to(tl.float32) * scaling, DTYPE), mask=m_ok[:, None] & (offs_r[None, :] < RP))
-    else:
-        tl.store(g_ptr + offs_m[:, None] * R + offs_r[None, :], gd, mask=m_ok[:, None] & r_ok[None, :])
+    tl.store(g_ptr + offs_m[:, None] * R + offs_r[None, :], gd, mask=m_ok[:, None] & r_ok[None, :])
 
     # Pass over x: dA += s·gᵀ·drop(x).
     for k0 in range(0, K, BLOCK_K):
@@ -281,43 +228,36 @@ def lora_bwd_aux(
     *,
     dropout_p: float = 0.0,
     seed: torch.Tensor | int = 0,
-    cat_width: int = 0,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The LoRA part of the backward in one launch.
 
     Args:
         dy: ``[M, N]``; x: ``[M, K]`` (any strides); xa: the forward's ``drop(x)·Aᵀ`` ``[M, r]``.
-        cat_width: > 0 writes ``dy_cat [M, N + cat_width] = [dy | s·g | 0]`` instead of ``g``.
 
     Returns:
-        ``(g [M, r] or None, dy_cat or None, dA [r, K], dB [N, r])``; ``g = dy·B`` in dy's dtype,
+        ``(g [M, r], dA [r, K], dB [N, r])``; ``g = dy·B`` in dy's dtype,
         ``dA``/``dB`` in ``lora_A``/``lora_B``'s dtype.
     """
     m, n = dy.shape
     k = x.shape[1]
     r = lora_A.shape[0]
     br = next_pow2(r)
-    assert cat_width == 0 or r <= cat_width <= br
-    meta = _meta(
-        "lora_bwd_aux",
-        dict(BLOCK_M=16 if m <= 64 else 64 if m <= 8192 else 128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3),
-    )
+    meta = _meta(BLOCK_M=16 if m <= 64 else 64 if m <= 8192 else 128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
     acc = torch.zeros(br * k + n * br, dtype=torch.float32, device=dy.device)  # one memset for dA and dB
     da32, db32 = acc[: br * k].view(br, k), acc[br * k :].view(n, br)
-    g = None if cat_width else torch.empty((m, r), dtype=dy.dtype, device=dy.device)
-    dycat = torch.empty((m, n + cat_width), dtype=dy.dtype, device=dy.device) if cat_width else None
-    _lora_bwd_aux_kernel[(triton.cdiv(m, meta["BLOCK_M"]),)](
+    g = torch.empty((m, r), dtype=dy.dtype, device=dy.device)
+    launcher(_lora_bwd_aux_kernel, dy)[(triton.cdiv(m, meta["BLOCK_M"]),)](
         dy, dy.stride(0), dy.stride(1),
         lora_B, lora_B.stride(0), lora_B.stride(1),
         xa, xa.stride(0),
         x, x.stride(0), x.stride(1),
-        g if g is not None else dycat, dycat if dycat is not None else g, dycat.stride(0) if dycat is not None else 0,
+        g,
         da32, db32,
-        m, n, k, r, cat_width, float(scaling), seed_arg(seed, dropout_p, dy), float(dropout_p),
-        CAT=dycat is not None, DROPOUT=dropout_p > 0.0, BLOCK_R=br,
+        m, n, k, r, float(scaling), seed_arg(seed, dropout_p, dy), float(dropout_p),
+        DROPOUT=dropout_p > 0.0, BLOCK_R=br,
         **meta, **_consts(dy.dtype),
     )  # fmt: skip
-    return g, dycat, da32[:r].to(lora_A.dtype, copy=True), db32[:, :r].to(lora_B.dtype, copy=True)
+    return g, da32[:r].to(lora_A.dtype, copy=True), db32[:, :r].to(lora_B.dtype, copy=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,13 +280,13 @@ def _lora_up_kernel(
     seed_ptr,
     p,
     DROPOUT: tl.constexpr,
-    DTYPE: tl.constexpr,
     PREC: tl.constexpr,
     F32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
+    DTYPE = out_ptr.dtype.element_ty
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
@@ -385,9 +325,9 @@ def lora_up_add(
     m, n = out.shape
     r = left.shape[1]
     assert left.stride(1) == 1 and right.shape == (r, n)
-    meta = _meta("lora_up", dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2))
+    meta = _meta(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=2)
     grid = (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
-    _lora_up_kernel[grid](
+    launcher(_lora_up_kernel, out)[grid](
         out, out.stride(0), out.stride(1),
         left, left.stride(0),
         right, right.stride(0), right.stride(1),
@@ -414,5 +354,7 @@ def dropout_keep_mask(m: int, k: int, p: float, seed: torch.Tensor | int, device
     """The bool ``[m, k]`` keep-mask that the LoRA kernels draw for ``(p, seed)`` (True = kept)."""
     out = torch.empty((m, k), dtype=torch.int8, device=device)
     seed_t = seed_tensor(seed, out.device)
-    _keep_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 64))](out, m, k, seed_t, float(p), BLOCK_M=32, BLOCK_K=64)
+    launcher(_keep_mask_kernel, out)[(triton.cdiv(m, 32), triton.cdiv(k, 64))](
+        out, m, k, seed_t, float(p), BLOCK_M=32, BLOCK_K=64
+    )
     return out.bool()

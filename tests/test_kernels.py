@@ -4,8 +4,8 @@ Without a GPU everything runs in Triton's CPU interpreter (``TRITON_INTERPRET=1`
 conftest before any kernel is decorated) on small shapes; tests marked ``gpu`` repeat the checks at
 real sizes on CUDA, plus bitsandbytes' own CUDA dequantisation, torch.compile and CUDA graphs.
 Every op output is allocated NaN-poisoned (the ``poison_empty`` fixture), inputs are fresh random
-draws on every run, and each case checks both implementations (``fused`` and ``cublas`` paths, and
-for the latter both LoRA merges).
+draws on every run, and each case checks both ways the forward merges the LoRA term ("cat": one GEMM
+over ``[x | s·xa]``; "addmm": a cuBLAS epilogue).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 
 import pytest
 import torch
+from fastlora.kernels import dropout_keep_mask
 from helpers import relerr
 
 from fastlora.ops import fused
@@ -22,13 +23,12 @@ from fastlora.quant import dequantize, quantize_4bit
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
-IMPLS = [("fused", "auto"), ("cublas", "cat"), ("cublas", "addmm"), ("small", "auto")]
+MERGES = ["cat", "addmm"]
 
 
-@pytest.fixture(autouse=True)
-def _reset_path():
-    yield
-    fused.set_path("auto", "auto")
+def _force_merge(monkeypatch, merge):
+    """Make the forward merge the LoRA term by ``merge`` whatever M is (the rule is tested apart)."""
+    monkeypatch.setattr(fused, "_fwd_cat", lambda *a, **k: merge == "cat")
 
 
 def _seedless_randn(*shape, dtype=torch.float32, device=DEV, scale=1.0):
@@ -73,8 +73,9 @@ def _run(x, base, A, B, s, bias, p=0.0, seed=0, dy=None):
     return y, dx, dA, dB, dy
 
 
-def _check(impl, m_shape, k, n, r, kind, dtype=torch.bfloat16, bias=True, tol=1e-2, p=0.0, device=DEV):
-    fused.set_path(*impl)
+def _check(merge, m_shape, k, n, r, kind, dtype=torch.bfloat16, bias=True, tol=1e-2, p=0.0, device=DEV):
+    mp = pytest.MonkeyPatch()
+    _force_merge(mp, merge)
     base = _base(n, k, kind, dtype, device)
     x = _seedless_randn(*m_shape, k, dtype=dtype, device=device)
     A = _seedless_randn(r, k, dtype=dtype, device=device, scale=1 / math.sqrt(k))
@@ -83,12 +84,15 @@ def _check(impl, m_shape, k, n, r, kind, dtype=torch.bfloat16, bias=True, tol=1e
     s = 2.0
     seed = int(torch.randint(0, 2**62, (1,)).item())
     assert fused.supports(x, base, A, B, b, p)
-    y, dx, dA, dB, dy = _run(x, base, A, B, s, b, p, seed)
-    keep = fused.dropout_keep_mask(x.numel() // k, k, p, seed, device) if p > 0 else None
+    try:
+        y, dx, dA, dB, dy = _run(x, base, A, B, s, b, p, seed)
+    finally:
+        mp.undo()
+    keep = dropout_keep_mask(x.numel() // k, k, p, seed, device) if p > 0 else None
     ty, tdx, tdA, tdB = _truth(x, base, A, B, s, b, dy, keep, p)
     assert y.shape == (*m_shape, n) and y.dtype == dtype and dx.shape == x.shape
     errs = dict(y=relerr(y, ty), dx=relerr(dx, tdx), dA=relerr(dA, tdA), dB=relerr(dB, tdB))
-    assert all(e < tol for e in errs.values()), (impl, errs)
+    assert all(e < tol for e in errs.values()), (merge, errs)
     return errs
 
 
@@ -125,225 +129,73 @@ def test_dequant_into_wider_buffer_leaves_tail(poison_empty):
     assert (buf[:, 40:] == 7.0).all()
 
 
-@pytest.fixture
-def restore_lookup():
-    from fastlora.kernels import nf4_lookup, set_nf4_lookup
-
-    before = nf4_lookup()
-    yield set_nf4_lookup
-    set_nf4_lookup(before)
-
-
-@pytest.mark.parametrize("lookup", ["auto", "gather", "gather1d"])
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize(("shape", "blocksize"), [((40, 72), 64), ((17, 33), 128)])
-def test_dequant_lookups_bit_identical(lookup, quant_type, nested, shape, blocksize, restore_lookup, poison_empty):
-    """The code-value lookups (``FASTLORA_NF4_LOOKUP``: select tree, tl.gather) give the same bits."""
+@pytest.mark.parametrize("lookup", ["select", "gather1d"])
+@pytest.mark.parametrize(("quant_type", "nested"), [("nf4", True), ("fp4", False)])
+def test_dequant_lookups_bit_identical(lookup, quant_type, nested, poison_empty):
+    """Every code lookup gives the default's values bit for bit (odd K: the per-element path too)."""
     from fastlora.kernels import dequant_4bit
 
-    qw = quantize_4bit(
-        torch.randn(*shape, device=DEV), blocksize=blocksize, quant_type=quant_type, compress_statistics=nested
-    )
-    outs = {}
-    for lk in ("select", lookup):
-        restore_lookup(lk)
-        outs[lk] = dequant_4bit(
-            qw.packed, qw.absmax, qw.quant_type, qw.shape, qw.blocksize, torch.bfloat16,
-            absmax2=qw.absmax2, code2=qw.code2, blocksize2=qw.blocksize2, offset=qw.offset,
-        )  # fmt: skip
-    assert torch.equal(outs[lookup].view(torch.uint8), outs["select"].view(torch.uint8))
-    assert torch.equal(outs["select"], dequantize(qw, torch.bfloat16))
-
-
-@pytest.mark.parametrize("lookup", ["auto", "gather", "gather1d"])
-def test_fused_gemms_lookups_bit_identical(lookup, restore_lookup, poison_empty):
-    """The fused forward (split-K) and dx kernels give the same bits with every code lookup."""
-    from fastlora.kernels import lora_dx_fused, lora_fwd_fused
-
-    from fastlora.ops.fused import _weight_of
-
-    m, k, n, r = 5, 136, 72, 8
-    w = _weight_of(_base(n, k, "nf4-nested", torch.bfloat16))
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    xa = torch.randn(m, r, device=DEV, dtype=torch.bfloat16)
-    B = torch.randn(n, r, device=DEV, dtype=torch.bfloat16)
-    dy = torch.randn(m, n, device=DEV, dtype=torch.bfloat16)
-    A = torch.randn(r, k, device=DEV, dtype=torch.bfloat16)
-    outs = {}
-    for lk in ("select", lookup):
-        restore_lookup(lk)
-        outs[lk] = (lora_fwd_fused(x, w, B, 0.5, xa, splits=2), lora_dx_fused(dy, w, A, 0.5, xa))
-    for a, b in zip(outs["select"], outs[lookup]):
-        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
-
-
-SMALL_LOOKUPS = ["select", "gather", "gather1d", "shfl"]
-
-
-def _small_case(m, k, n, r, quant_type="nf4", nested=True, blocksize=64, device=DEV):
-    from fastlora.ops.fused import _weight_of
-
-    qw = _base(n, k, f"{quant_type}-nested" if nested else quant_type, torch.bfloat16, device, blocksize)
-    x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
-    xa = torch.randn(m, r, device=device, dtype=torch.bfloat16)
-    B = torch.randn(n, r, device=device, dtype=torch.bfloat16)
-    bias = torch.randn(n, device=device, dtype=torch.bfloat16)
-    truth = x.double() @ dequantize(qw, torch.bfloat16).double().t() + 0.5 * xa.double() @ B.double().t()
-    return _weight_of(qw), x, xa, B, bias, truth + bias.double()
-
-
-def _small_lookups_agree(case, splits=None):
-    """Every lookup, both operand orders and both tile orders against the truth; lookups bit-identical
-    for a given order."""
-    from fastlora.kernels import lora_fwd_small
-
-    w, x, xa, B, bias, truth = case
-    for swap in (True, False):
-        for slots in (True, False):
-            outs = {
-                lk: lora_fwd_small(x, w, B, 0.5, xa, bias, swap=swap, slots=slots, lookup=lk, splits=splits)
-                for lk in SMALL_LOOKUPS
-                if slots or lk != "shfl"
-            }
-            for lk, y in outs.items():
-                assert relerr(y, truth) < 1e-2, (swap, slots, lk)
-                assert torch.equal(y.view(torch.int16), outs["select"].view(torch.int16)), (swap, slots, lk)
-
-
-@pytest.mark.parametrize(
-    ("m", "k", "n", "r", "quant_type", "nested", "blocksize"),
-    [(1, 136, 72, 1, "nf4", True, 64), (16, 264, 40, 64, "fp4", False, 32), (33, 392, 130, 8, "nf4", False, 128)],
-)
-def test_small_forward_every_lookup_and_order(m, k, n, r, quant_type, nested, blocksize, poison_empty):
-    """The small-M 4-bit forward (words, per-slot products, split-K) against float64 truth; rows not
-    a multiple of 16, N not of BLOCK_N, K slices not of BLOCK_K."""
-    _small_lookups_agree(_small_case(m, k, n, r, quant_type, nested, blocksize), splits=2)
-
-
-def test_small_forward_noncontiguous_x_and_refusals(poison_empty):
-    from fastlora.kernels import lora_fwd_small, small_supported
-
-    w, x, xa, B, bias, truth = _small_case(5, 128, 40, 8)
-    wide = torch.zeros(5, 256, device=DEV, dtype=torch.bfloat16)
-    wide[:, ::2] = x
-    xs = wide[:, ::2]  # column stride 2
-    assert not xs.is_contiguous() and small_supported(xs, w)
-    assert relerr(lora_fwd_small(xs, w, B, 0.5, xa, bias), truth) < 1e-2
-    assert not small_supported(x.float(), w)  # fp32 activations: the cuBLAS path
-    assert not small_supported(torch.zeros(65, 128, device=DEV, dtype=torch.bfloat16), w)
-    w36 = _small_case(5, 36, 40, 8)[0]  # K % 8 != 0: rows are not whole words
-    assert not small_supported(x[:, :36], w36)
-    with pytest.raises(ValueError, match="unknown 4-bit lookup"):
-        lora_fwd_small(x, w, B, 0.5, xa, lookup="table")
-    with pytest.raises(ValueError, match="slots=True"):
-        lora_fwd_small(x, w, B, 0.5, xa, lookup="shfl", slots=False)
-
-
-def test_small_forward_tables_match_the_select_tree():
-    """The shuffle decoder's constants are bitsandbytes' tables (the same bits as the select tree's)."""
-    from fastlora.kernels import lora_small
-
-    from fastlora.quant import code_table
-
-    for qt, bits in (("nf4", lora_small.NF4_BITS), ("fp4", lora_small.FP4_BITS)):
-        assert code_table(qt).view(torch.int32).tolist() == list(bits)
-
-
-def test_auto_routes_small_m_nf4_forward_to_the_small_kernel(monkeypatch):
-    from fastlora.kernels import lora_small
-
-    calls = []
-    real = fused.lora_fwd_small
-    monkeypatch.setattr(fused, "lora_fwd_small", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
-    assert 1 <= fused.SMALL_MAX_M <= lora_small.SMALL_MAX_M
-    for limit in (fused.SMALL_MAX_M, 16):
-        monkeypatch.setattr(fused, "SMALL_MAX_M", limit)
-        for m in (1, limit, limit + 1):
-            _check(("auto", "auto"), (m,), 40, 72, 8, "nf4-nested")
-            _check(("auto", "auto"), (m,), 40, 72, 8, "dense")  # a bf16 W0 never takes it
-    assert calls == [1, 1, 1, 16]
+    for shape, bs in (((40, 72), 64), ((17, 33), 128)):
+        qw = quantize_4bit(
+            torch.randn(*shape, device=DEV), blocksize=bs, quant_type=quant_type, compress_statistics=nested
+        )
+        args = (qw.packed, qw.absmax, quant_type, qw.shape, bs, torch.bfloat16)
+        kw = dict(absmax2=qw.absmax2, code2=qw.code2, blocksize2=qw.blocksize2, offset=qw.offset)
+        assert torch.equal(dequant_4bit(*args, **kw, lookup=lookup), dequant_4bit(*args, **kw))
+    with pytest.raises(ValueError, match="select, gather, gather1d"):
+        dequant_4bit(*args, **kw, lookup="table")
 
 
 # ------------------------------------------------------------------------------------------------
 # the op against float64 truth
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: "-".join(i))
+@pytest.mark.parametrize("merge", MERGES)
 @pytest.mark.parametrize("kind", ["dense", "nf4-nested", "fp4"])
 @pytest.mark.parametrize(
     ("m_shape", "k", "n", "r"),
     [((1,), 40, 72, 1), ((3,), 72, 40, 8), ((17,), 40, 40, 16), ((2, 3), 72, 72, 64), ((1, 17), 40, 72, 8)],
 )
-def test_op_vs_float64(impl, kind, m_shape, k, n, r, poison_empty):
-    _check(impl, m_shape, k, n, r, kind)
+def test_op_vs_float64(merge, kind, m_shape, k, n, r, poison_empty):
+    _check(merge, m_shape, k, n, r, kind)
 
 
-@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: "-".join(i))
-def test_op_fp16_and_fp32(impl, poison_empty):
-    _check(impl, (17,), 72, 40, 8, "nf4-nested", dtype=torch.float16)
-    _check(impl, (5,), 40, 72, 16, "dense", dtype=torch.float32, tol=1e-5)
+@pytest.mark.parametrize("merge", MERGES)
+def test_op_fp16_and_fp32(merge, poison_empty):
+    _check(merge, (17,), 72, 40, 8, "nf4-nested", dtype=torch.float16)
+    _check(merge, (5,), 40, 72, 16, "dense", dtype=torch.float32, tol=1e-5)
 
 
-@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: "-".join(i))
-def test_op_odd_in_features(impl, poison_empty):
+@pytest.mark.parametrize("merge", MERGES)
+def test_op_odd_in_features(merge, poison_empty):
     """K odd: 4-bit pairs straddle rows (the per-element nibble path)."""
-    _check(impl, (9,), 33, 40, 8, "nf4-nested", bias=False)
+    _check(merge, (9,), 33, 40, 8, "nf4-nested", bias=False)
 
 
-@pytest.mark.parametrize("impl", [("fused", "auto"), ("cublas", "cat")], ids=lambda i: "-".join(i))
-def test_op_large_feature_dims(impl, poison_empty):
-    """K or N = 4096 + 8 (not a multiple of any tile), M = 1000 on the cuBLAS path."""
-    if impl[0] == "fused":
-        _check(impl, (3,), 72, 4104, 16, "nf4-nested")
-        _check(impl, (3,), 4104, 40, 8, "nf4-nested")
-    else:
-        _check(impl, (1000,), 4104, 72, 16, "nf4-nested")
+def test_op_large_feature_dims(poison_empty):
+    """K = 4096 + 8 (not a multiple of any tile), M = 1000, the cat merge."""
+    _check("cat", (1000,), 4104, 72, 16, "nf4-nested")
 
 
-@pytest.mark.parametrize("kind", ["dense", "nf4-nested"])
-def test_fused_forward_split_k(kind, poison_empty):
-    """The small-M forward split over K (fp32 partials + finalize kernel), with split-K x·Aᵀ partials."""
-    from fastlora.kernels import lora_down, lora_fwd_fused
-
-    m, k, n, r = 5, 392, 72, 8
-    base = _base(n, k, kind, torch.bfloat16)
-    x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-    A = (torch.randn(r, k, device=DEV) / 20).to(torch.bfloat16)
-    B = torch.randn(n, r, device=DEV, dtype=torch.bfloat16)
-    bias = torch.randn(n, device=DEV, dtype=torch.bfloat16)
-    dy = torch.zeros(m, n, device=DEV)
-    ty = _truth(x, base, A, B, 0.5, bias, dy)[0]
-    from fastlora.ops.fused import _weight_of
-
-    w = _weight_of(base)
-    for splits in (1, 3):
-        part, _ = lora_down(x, A, splits=2)
-        xa = torch.empty(m, r, device=DEV, dtype=torch.bfloat16)
-        y = lora_fwd_fused(x, w, B, 0.5, part, bias, xa_splits=part.shape[0], xa_out=xa, splits=splits)
-        assert relerr(y, ty) < 1e-2
-        assert relerr(xa, x.double() @ A.double().t()) < 1e-2
-
-
-def test_noncontiguous_x_and_conv1d_style_base(poison_empty):
+def test_noncontiguous_x_and_conv1d_style_base(poison_empty, monkeypatch):
     """x a transposed view; W0 a transposed view (as transformers' Conv1D weight gives)."""
-    for impl in IMPLS:
-        fused.set_path(*impl)
+    for merge in MERGES:
+        _force_merge(monkeypatch, merge)
         x = torch.randn(40, 9, device=DEV, dtype=torch.bfloat16).t()  # [9, 40], strides (1, 9)
         w = torch.randn(40, 72, device=DEV, dtype=torch.bfloat16).t() / 8  # [72, 40] view
         A = torch.randn(8, 40, device=DEV, dtype=torch.bfloat16) / 8
         B = torch.randn(72, 8, device=DEV, dtype=torch.bfloat16)
         y, dx, dA, dB, dy = _run(x, w, A, B, 0.5, None)
         ty, tdx, tdA, tdB = _truth(x, w, A, B, 0.5, None, dy)
-        assert max(relerr(y, ty), relerr(dx, tdx), relerr(dA, tdA), relerr(dB, tdB)) < 1e-2, impl
+        assert max(relerr(y, ty), relerr(dx, tdx), relerr(dA, tdA), relerr(dB, tdB)) < 1e-2, merge
 
 
 # ------------------------------------------------------------------------------------------------
 # the LoRA contribution itself (issue 3): fp32, tiny B
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: "-".join(i))
+@pytest.mark.parametrize("merge", MERGES)
 @pytest.mark.parametrize("kind", ["dense", "nf4-nested"])
-def test_lora_contribution_fp32(impl, kind, poison_empty):
-    fused.set_path(*impl)
+def test_lora_contribution_fp32(merge, kind, poison_empty, monkeypatch):
+    _force_merge(monkeypatch, merge)
     m, k, n, r, s = 17, 72, 40, 8, 2.0
     base = _base(n, k, kind, torch.float32)
     w0 = base if kind == "dense" else dequantize(base, torch.float32)
@@ -369,20 +221,20 @@ def _run_ref(x, base, A, B, s, dy):
 # ------------------------------------------------------------------------------------------------
 # dropout
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: "-".join(i))
-def test_dropout_grads_match_truth_with_the_kernels_mask(impl, poison_empty):
-    _check(impl, (2, 9), 72, 40, 8, "nf4-nested", p=0.25)
+@pytest.mark.parametrize("merge", MERGES)
+def test_dropout_grads_match_truth_with_the_kernels_mask(merge, poison_empty):
+    _check(merge, (2, 9), 72, 40, 8, "nf4-nested", p=0.25)
 
 
 def test_dropout_mask_statistics_and_seeds():
     p = 0.3
-    keep = fused.dropout_keep_mask(64, 256, p, 1234, DEV)
+    keep = dropout_keep_mask(64, 256, p, 1234, DEV)
     frac = keep.float().mean().item()
     assert abs(frac - (1 - p)) < 0.02  # 16384 draws: sd ≈ 0.0036
-    assert not torch.equal(keep, fused.dropout_keep_mask(64, 256, p, 1235, DEV))
-    assert torch.equal(keep, fused.dropout_keep_mask(64, 256, p, 1234, DEV))
+    assert not torch.equal(keep, dropout_keep_mask(64, 256, p, 1235, DEV))
+    assert torch.equal(keep, dropout_keep_mask(64, 256, p, 1234, DEV))
     # seeds are reduced to 31 bits the same way everywhere
-    assert torch.equal(fused.dropout_keep_mask(8, 64, p, 2**40 + 5, DEV), fused.dropout_keep_mask(8, 64, p, 5, DEV))
+    assert torch.equal(dropout_keep_mask(8, 64, p, 2**40 + 5, DEV), dropout_keep_mask(8, 64, p, 5, DEV))
 
 
 def test_dropout_same_seed_same_output_and_expectation():
@@ -505,7 +357,7 @@ def test_gpu_dequant_bit_exact_vs_bitsandbytes(quant_type, nested, blocksize, sh
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: "-".join(i))
+@pytest.mark.parametrize("merge", MERGES)
 @pytest.mark.parametrize("kind", ["dense", "nf4-nested"])
 @pytest.mark.parametrize(
     ("m_shape", "k", "n", "r"),
@@ -517,30 +369,22 @@ def test_gpu_dequant_bit_exact_vs_bitsandbytes(quant_type, nested, blocksize, sh
         ((1000,), 72, 40, 8),
     ],
 )
-def test_gpu_op_vs_float64(impl, kind, m_shape, k, n, r, poison_empty):
-    _check(impl, m_shape, k, n, r, kind, device="cuda")
+def test_gpu_op_vs_float64(merge, kind, m_shape, k, n, r, poison_empty):
+    _check(merge, m_shape, k, n, r, kind, device="cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("m", "k", "n"), [(1, 4096, 4096), (16, 4104, 1000), (64, 14336, 72), (17, 1000, 4096)])
-@pytest.mark.parametrize(("quant_type", "nested", "blocksize"), [("nf4", True, 64), ("fp4", False, 128)])
-def test_gpu_small_forward_every_lookup_and_order(m, k, n, quant_type, nested, blocksize, poison_empty):
-    """On the GPU the "shfl" lookup is the inline-PTX warp-shuffle decoder: bit-identical to the rest."""
-    _small_lookups_agree(_small_case(m, k, n, 16, quant_type, nested, blocksize))
+@pytest.mark.parametrize("merge", MERGES)
+def test_gpu_lora_contribution_dropout_fp16(merge, poison_empty):
+    _check(merge, (2, 256), 1024, 512, 16, "nf4-nested", p=0.1, device="cuda")
+    _check(merge, (64,), 1024, 512, 16, "nf4", dtype=torch.float16, device="cuda")
+    _check(merge, (300,), 512, 1024, 8, "dense", dtype=torch.float32, tol=1e-5, device="cuda")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", IMPLS, ids=lambda i: "-".join(i))
-def test_gpu_lora_contribution_dropout_fp16(impl, poison_empty):
-    _check(impl, (2, 256), 1024, 512, 16, "nf4-nested", p=0.1, device="cuda")
-    _check(impl, (64,), 1024, 512, 16, "nf4", dtype=torch.float16, device="cuda")
-    _check(impl, (300,), 512, 1024, 8, "dense", dtype=torch.float32, tol=1e-5, device="cuda")
-
-
-@pytest.mark.gpu
-def test_gpu_lora_contribution_fp32_large():
-    for impl in IMPLS:
-        fused.set_path(*impl)
+def test_gpu_lora_contribution_fp32_large(monkeypatch):
+    for merge in MERGES:
+        _force_merge(monkeypatch, merge)
         m, k, n, r, s = 512, 1024, 768, 16, 2.0
         base = quantize_4bit(torch.randn(n, k, device="cuda") / 32, blocksize=64)
         w0 = dequantize(base, torch.float32)
@@ -553,8 +397,8 @@ def test_gpu_lora_contribution_fp32_large():
         y0 = fused.lora_linear_fused(x, base, A, torch.zeros_like(B), s)
         yr, _, rA, rB, _ = _run_ref(x, base, A, B, s, dy)
         yr0 = lora_linear_reference(x, base, A, torch.zeros_like(B), s)
-        assert relerr(y - y0, yr - yr0) < 1e-3, impl
-        assert relerr(dA, rA) < 1e-4 and relerr(dB, rB) < 1e-4, impl
+        assert relerr(y - y0, yr - yr0) < 1e-3, merge
+        assert relerr(dA, rA) < 1e-4 and relerr(dB, rB) < 1e-4, merge
 
 
 def _graph_case():
@@ -623,21 +467,20 @@ def test_layer_with_dropout_compiles_fullgraph():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("path", ["fused", "cublas"])
-def test_gpu_cuda_graph_capture_of_forward_and_backward(path):
-    """Both implementations capture into one CUDA graph (no host sync, no allocation outside the
-    graph pool) and replay correctly on new inputs."""
-    fused.set_path(path)
+@pytest.mark.parametrize("merge", MERGES)
+def test_gpu_cuda_graph_capture_of_forward_and_backward(merge):
+    """Both merges capture into one CUDA graph (no host sync, no allocation outside the graph pool)
+    and replay correctly on new inputs."""
     base, x, A, B = _graph_case()
-    w = fused._weight_of(base)
+    w = fused._packed_of(base)
     x, A, B = x.detach(), A.detach(), B.detach()
     dy = torch.randn(x.shape[0], base.shape[0], device="cuda", dtype=torch.bfloat16)
 
     def step():
-        y, xa = fused.forward_impl(x, w, A, B, 0.5, None, 0.0, 0)
+        y, xa = fused.forward_impl(x, w, A, B, 0.5, None, 0.0, 0, merge)
         return (y, *fused.backward_impl(dy, x, w, A, B, xa, 0.5, 0.0, 0))
 
-    side = torch.cuda.Stream()  # warm-up (autotuning) outside the capture, on a side stream
+    side = torch.cuda.Stream()  # warm-up (compilation) outside the capture, on a side stream
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
@@ -710,32 +553,34 @@ def test_auto_merge_rule():
     byte rule (cat where [x | s·xa] costs fewer bytes than a second pass over y)."""
     from fastlora.ops.fused import CAT_MIN_M, _fwd_cat
 
-    assert not _fwd_cat(16, 4096, 4096, quant=True)
-    assert not _fwd_cat(CAT_MIN_M - 1, 4096, 4096, quant=True)
-    assert _fwd_cat(4096, 4096, 4096, quant=True)  # 4096·4096 < 2·4096·4096
-    assert _fwd_cat(4096, 14336, 4096, quant=True)
-    assert not _fwd_cat(4096, 4096, 14336, quant=True)  # K = 14336 > 2·N: addmm
-    assert not _fwd_cat(4096, 4096, 4096, quant=False)  # a dense W0 would be copied
+    assert not _fwd_cat(16, 4096, 4096, True, "auto")
+    assert not _fwd_cat(CAT_MIN_M - 1, 4096, 4096, True, "auto")
+    assert _fwd_cat(4096, 4096, 4096, True, "auto")  # 4096·4096 < 2·4096·4096
+    assert _fwd_cat(4096, 14336, 4096, True, "auto")
+    assert not _fwd_cat(4096, 4096, 14336, True, "auto")  # K = 14336 > 2·N: addmm
+    assert not _fwd_cat(4096, 4096, 4096, False, "auto")  # a dense W0 would be copied
+    assert _fwd_cat(16, 4096, 4096, False, "cat") and not _fwd_cat(4096, 4096, 4096, True, "addmm")
 
 
 @pytest.mark.parametrize("needs_lora", [True, False])
 def test_frozen_lora_backward_skips_dA_dB_and_custom_op_passes_opcheck(needs_lora, monkeypatch):
-    """With A and B frozen (LoRA-GA's gradient estimation) the cuBLAS-path backward computes dx only:
-    two GEMMs (g and dx) instead of four, dx unchanged. Both custom ops (real, fake, autograd through
-    AOT dispatch) pass ``torch.library.opcheck`` with and without the LoRA grads."""
-    fused.set_path("cublas", "addmm")
+    """With A and B frozen (LoRA-GA's gradient estimation) the backward computes dx only: three
+    cuBLAS calls (g, dy·W0 and the LoRA epilogue) instead of five, dx unchanged. Both ops (real, fake,
+    autograd through AOT dispatch) pass ``torch.library.opcheck`` with and without the LoRA grads."""
     base = _base(72, 40, "nf4-nested", torch.float32)
-    w = fused._weight_of(base)
+    w = fused._packed_of(base)
     x = torch.randn(6, 40, device=DEV)
     A, B = torch.randn(8, 40, device=DEV) / 8, torch.randn(72, 8, device=DEV)
     dy = torch.randn(6, 72, device=DEV)
     _, xa = fused.forward_impl(x, w, A, B, 0.5, None, 0.0, None)
     calls = []
-    real_mm = torch.mm
+    real_mm, real_addmm, real_addmm_ = torch.mm, torch.addmm, torch.Tensor.addmm_
     monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(1) or real_mm(*a, **k))
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or real_addmm(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda *a, **k: calls.append(1) or real_addmm_(*a, **k))
     dx, da, db = fused.backward_impl(dy, x, w, A, B, xa, 0.5, 0.0, None, True, needs_lora)
     monkeypatch.undo()
-    assert len(calls) == (4 if needs_lora else 2)
+    assert len(calls) == (5 if needs_lora else 3)
     assert (da is None and db is None) != needs_lora
     dense = fused._dense(w, torch.float32)
     assert relerr(dx, dy @ dense + 0.5 * (dy @ B) @ A) < 1e-5
@@ -749,3 +594,74 @@ def test_frozen_lora_backward_skips_dA_dB_and_custom_op_passes_opcheck(needs_lor
     Ag, Bg = A.clone().requires_grad_(needs_lora), B.clone().requires_grad_(needs_lora)
     fwd_args = (xg, *args[2:8], Ag, Bg, None, 0.5, 0.0, None)
     torch.library.opcheck(torch.ops.fastlora.lora_linear_fwd.default, fwd_args)
+
+
+@pytest.mark.gpu
+def test_gpu_patched_llama_compiles_fullgraph_and_inductor_sees_the_kernels():
+    """``torch.compile(fullgraph=True)`` of a patched tiny Llama on 4-bit weights: no graph break, the
+    ops are decomposed (the traced forward and backward graphs hold the dequantisation kernel as a
+    ``triton_kernel_wrapper`` node and cuBLAS calls, not an opaque ``fastlora.lora_linear_*`` call),
+    and the compiled loss and LoRA grads match eager."""
+    pytest.importorskip("bitsandbytes")
+    from functorch.compile import make_boxed_func
+    from helpers import quantize_model_bnb, tiny_llama
+    from torch._dynamo.backends.common import aot_autograd
+
+    import fastlora
+
+    model = fastlora.patch(quantize_model_bnb(tiny_llama()).cuda(), r=8, alpha=16).train()
+    for layer in fastlora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.02)
+    graphs = []
+
+    def record(gm, _inputs):
+        graphs.append(gm.code)
+        return make_boxed_func(gm.forward)
+
+    ids = torch.randint(0, 96, (2, 16), device="cuda")
+    outs = []
+    for fn in (
+        model,
+        torch.compile(model, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record)),
+    ):
+        model.zero_grad()
+        loss = fn(input_ids=ids, labels=ids).loss
+        loss.backward()
+        outs.append((loss.detach().float(), [p.grad.float() for p in model.parameters() if p.requires_grad]))
+    torch._dynamo.reset()
+    assert len(graphs) == 2 and all("triton_kernel_wrapper" in g for g in graphs)
+    assert not any("fastlora.lora_linear" in g for g in graphs)
+    assert relerr(outs[0][0], outs[1][0]) < 1e-3
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert relerr(a, b) < 2e-2
+
+
+def test_layer_under_autocast_matches_reference_and_outside_it_needs_no_autocast_context(monkeypatch):
+    """Under autocast the op turns it off for its own GEMMs (bf16 in, bf16 out, = the reference);
+    outside autocast no ``torch.autocast`` context is built per call (host time)."""
+    from fastlora import _backend
+    from fastlora.layer import LoraLinear
+
+    layer = LoraLinear(torch.nn.Linear(64, 40).to(DEV), r=8, lora_alpha=16).to(DEV)
+    torch.nn.init.normal_(layer.lora_B, std=0.1)
+    x = torch.randn(3, 5, 64, device=DEV)
+    outs = {}
+    try:
+        for backend in ("torch", "triton"):
+            _backend.set_backend(backend)
+            layer.zero_grad()
+            with torch.autocast(DEV, dtype=torch.bfloat16):
+                y = layer(x)
+            y.float().square().mean().backward()
+            outs[backend] = (y, layer.lora_A.grad.clone(), layer.lora_B.grad.clone())
+        assert _backend.current() == "triton"
+        built = []
+        real = torch.autocast
+        monkeypatch.setattr(torch, "autocast", lambda *a, **k: built.append(1) or real(*a, **k))
+        layer(x).sum().backward()
+    finally:
+        _backend.set_backend("auto")
+    assert outs["triton"][0].dtype == outs["torch"][0].dtype == torch.bfloat16
+    for a, b in zip(outs["triton"], outs["torch"]):
+        assert relerr(a.float(), b.float()) < 1e-2
+    assert not built

@@ -119,3 +119,50 @@ def test_no_grad_for_frozen_bias_and_base():
     lora_linear_reference(x, w, A, B, 1.0, bias).sum().backward()
     assert w.grad is None and bias.grad is None
     assert B.grad is not None and torch.count_nonzero(B.grad) > 0
+
+
+def test_dropout_mask_statistics_and_tensor_seed():
+    """The counter-based mask keeps ~1-p, differs between seeds, and an int seed and a 1-element
+    integer tensor with the same low 31 bits give the same mask."""
+    p = 0.3
+    m = dropout_mask((64, 256), p, 1234, torch.device("cpu"))
+    assert abs((m > 0).float().mean().item() - (1 - p)) < 0.02  # 16384 draws: sd ≈ 0.0036
+    assert torch.equal(m[m > 0], torch.full_like(m[m > 0], 1 / (1 - p)))
+    assert not torch.equal(m, dropout_mask((64, 256), p, 1235, torch.device("cpu")))
+    assert torch.equal(m, dropout_mask((64, 256), p, torch.tensor([1234], dtype=torch.int32), torch.device("cpu")))
+    assert torch.equal(m, dropout_mask((64, 256), p, torch.tensor(2**40 + 1234), torch.device("cpu")))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_patched_model_with_dropout_compiles_fullgraph_on_the_reference_path(backend):
+    """Issue 16 item 5: ``torch.compile(fullgraph=True)`` of a patched model with LoRA dropout > 0 on
+    the CPU (the reference op) raised "An opaque object was created in the middle of the program"
+    (a ``torch.Generator`` built inside the traced region) and, without fullgraph, broke the graph
+    there. The mask is now made of tensor ops from a seed tensor. Compiled and eager agree for the
+    same torch.manual_seed (``fallback_random``: Inductor then draws the seed as eager does)."""
+    import torch._inductor.config as inductor_config
+    from helpers import tiny_llama
+
+    import fastlora
+
+    model = fastlora.patch(tiny_llama(), r=4, alpha=8, dropout=0.2).train()
+    for layer in fastlora.lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    ids = torch.randint(0, 96, (2, 10))
+    torch._dynamo.reset()
+    outs = []
+    try:
+        with inductor_config.patch(fallback_random=True):
+            compiled = torch.compile(model, fullgraph=True, backend=backend)
+            for fn in (model, compiled):
+                model.zero_grad()
+                torch.manual_seed(3)
+                loss = fn(input_ids=ids, labels=ids).loss
+                loss.backward()
+                grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+                outs.append((loss.detach(), grads))
+    finally:
+        torch._dynamo.reset()
+    assert relerr(outs[0][0], outs[1][0]) < 1e-5
+    for a, b in zip(outs[0][1], outs[1][1]):
+        assert relerr(a, b) < 1e-4

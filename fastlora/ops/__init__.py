@@ -11,7 +11,7 @@ import importlib
 
 import torch
 
-from .._backend import get_backend
+from .. import _backend
 from .reference import BaseWeight, lora_linear_reference
 
 __all__ = ["lora_linear", "lora_linear_reference", "triton_available"]
@@ -49,7 +49,7 @@ def lora_linear(
 
     See :func:`fastlora.ops.reference.lora_linear_reference` for the argument contract.
     """
-    backend = get_backend()
+    backend = _backend.current()
     if backend == "triton" or (backend == "auto" and x.is_cuda):
         fused = _load_fused()
         if fused is not None and fused.supports(x, base, lora_A, lora_B, bias, dropout_p):

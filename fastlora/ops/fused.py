@@ -1,120 +1,71 @@
-"""The fused Triton LoRA linear op: ``torch.library`` custom ops around the kernels in ``fastlora.kernels``.
+"""The Triton + cuBLAS LoRA linear op: ``torch.library.triton_op`` ops around ``fastlora.kernels``.
 
     y = x·W0ᵀ + s·(drop(x)·Aᵀ)·Bᵀ (+ bias)        W0 dense (bf16/fp16/fp32) or bitsandbytes NF4/FP4
 
-Three implementations (``FASTLORA_PATH`` / :func:`set_path` force one; ``auto`` takes ``fused`` for
-M <= ``FUSED_MAX_M``, 0 by default -- see the measurements in bench/NOTES.md):
-
-* ``fused`` (meant for small M: decode, eval) -- W0 is read once per output tile, a 4-bit W0
-  as packed bytes dequantised in registers; the LoRA term is extra K-steps of the same fp32
-  accumulator. Forward = ``lora_down`` (x·Aᵀ, split over K) + ``lora_fwd_fused``; backward =
-  ``lora_bwd_aux`` (one pass over dy for g = dy·B and dB, one over x for dA) + ``lora_dx_fused``.
-* ``cublas`` (the default) -- the base product goes to cuBLAS.
-  A 4-bit W0 is dequantised by ``dequant_4bit`` into a scratch buffer (from torch's caching
-  allocator, so the same block is reused call after call) that may also hold the LoRA factor:
-  ``y = [x | s·xa | 0]·[W0 | B | 0]ᵀ`` is then a single GEMM whose
-  fp32 accumulation contains the LoRA term ("cat" merge; forward only), or -- where the concatenated
-  activation would cost more bytes than it saves -- the LoRA term is added by ``lora_up_add``
-  ("addmm" merge). Without dropout the LoRA-only products of the backward (g = dy·B, dA, dB) and the
-  forward's x·Aᵀ in addmm mode are cuBLAS calls: measured faster than the Triton passes at these sizes.
-* ``small`` (the forward at M <= ``SMALL_MAX_M``, 1 by default, on a 4-bit W0; taken by ``auto``)
-  -- ``lora_fwd_small``: the packed codes read as 32-bit words and decoded in registers by warp
-  shuffles, K split over programs, the LoRA term and bias added by the split-K finalize kernel. No
-  dequantised W0 is written. Its backward is the ``cublas`` path's.
+The base products go to cuBLAS. A 4-bit W0 is dequantised by ``dequant_4bit`` into a scratch buffer
+(from torch's caching allocator, so the same block is reused call after call) that may also hold the
+LoRA factor: ``y = [x | s·xa | 0]·[W0 | B | 0]ᵀ`` is then a single GEMM whose fp32 accumulation
+contains the LoRA term ("cat" merge, forward only, M >= ``CAT_MIN_M``); otherwise the LoRA term is a
+cuBLAS epilogue, ``y.addmm_(xa, Bᵀ, alpha=s)`` ("addmm" merge). Without dropout every LoRA product
+is a cuBLAS call: ``xa = x·Aᵀ``, ``g = dy·B``, ``dB = s·dyᵀ·xa``, ``dA = s·gᵀ·x`` (the scale as the
+GEMM's alpha) and ``dx = dy·W0 + s·g·A`` (two GEMMs, the second accumulating into the first). With
+dropout the passes that need the keep-mask are Triton kernels (``lora_down``, ``lora_bwd_aux``,
+``lora_up_add``).
 
 Saved for backward: x and xa = drop(x)·Aᵀ only (plus W0's own storage, never a dequantised copy).
 Dropout: the keep-mask is Philox ``tl.rand(seed, m·K + k)`` -- regenerated in backward, never stored.
 The seed may be a 1-element integer tensor on the GPU (what :class:`fastlora.LoraLinear` draws): the
 kernels read it from memory, so dropout costs no host sync and no graph break under torch.compile.
-It is a different stream from the reference's ``torch.Generator``, so the masks differ between
-backends for the same seed; each backend is self-consistent between forward and backward.
+It is a different stream from the reference's, so the masks differ between backends for the same
+seed; each backend is self-consistent between forward and backward.
+
+Eagerly the op is an ``autograd.Function`` calling the implementation directly (the least host time
+per call: no dispatcher, no autotuner, fixed launch configs). Under ``torch.compile`` it is the
+``fastlora::lora_linear_fwd``/``_bwd`` ``triton_op`` pair: Inductor traces into them, sees the cuBLAS
+calls and the Triton kernels (launched through ``torch.library.wrap_triton``) and schedules and
+launches them itself, so a compiled step can be CUDA-graphed (``mode="reduce-overhead"``).
 """
 
 from __future__ import annotations
 
-import os
+import contextlib
 
 import torch
 
-from ..kernels import (
-    Packed4bit,
-    dequant_4bit,
-    down_splits,
-    interpreting,
-    lora_aux,
-    lora_bwd_aux,
-    lora_down,
-    lora_dx_fused,
-    lora_fwd_fused,
-    lora_fwd_small,
-    lora_up_add,
-    seed_tensor,
-    small_supported,
-)
+from ..kernels import Packed4bit, dequant_packed, interpreting, lora_bwd_aux, lora_down, lora_up_add, seed_tensor
 from ..quant import QuantizedWeight
 
-__all__ = ["dropout_keep_mask", "lora_linear_fused", "set_path", "supports"]
+__all__ = ["MERGES", "backward_impl", "forward_impl", "lora_linear_fused", "supports"]
 
-_PATHS = ("auto", "fused", "cublas", "small")
-_MERGES = ("auto", "cat", "addmm")
-_path = os.environ.get("FASTLORA_PATH", "auto")
-_merge = os.environ.get("FASTLORA_MERGE", "auto")
-# Largest M that takes the fused path under "auto". Measured on an H100 (bench/NOTES.md, CUDA-graph
-# forward at M = 16): dequantise + cuBLAS beat the in-register NF4 kernel 2-2.5x and tied or beat the
-# dense fused kernel, so "auto" uses the cuBLAS path everywhere; FASTLORA_FUSED_MAX_M re-enables it.
-FUSED_MAX_M = int(os.environ.get("FASTLORA_FUSED_MAX_M", "0"))
-# Largest M that takes the small-M 4-bit forward kernel under "auto". Measured on an H100 (CUDA-graph
-# forward, bench/NOTES.md, v5): at M = 1 it beat dequantise + cuBLAS by 5-13 % at the 14336-wide
-# shapes and tied at 4096x4096; at M = 16 it won one shape, tied one and lost one by 14 %; at M = 64 it
-# was 1.6-1.7x slower. It never allocates the dequantised W0 (FASTLORA_SMALL_MAX_M=16 trades that
-# time for the memory).
-SMALL_MAX_M = int(os.environ.get("FASTLORA_SMALL_MAX_M", "1"))
+MERGES = ("auto", "cat", "addmm")
 
-
-def set_path(path: str = "auto", merge: str = "auto") -> None:
-    """Force the implementation: ``path`` in auto|fused|cublas|small, ``merge`` (cuBLAS path) in
-    auto|cat|addmm. ``small`` takes the small-M 4-bit forward kernel wherever it applies (any M up to
-    its limit), ``cublas`` never does."""
-    global _path, _merge
-    if path not in _PATHS or merge not in _MERGES:
-        raise ValueError(f"fastlora: path must be one of {_PATHS} and merge one of {_MERGES}")
-    _path, _merge = path, merge
-
-
-def _use_fused(m: int) -> bool:
-    return _path == "fused" or (_path == "auto" and m <= FUSED_MAX_M)
-
-
-def _use_small(x: torch.Tensor, w: torch.Tensor | Packed4bit) -> bool:
-    """The small-M 4-bit forward (``lora_fwd_small``) for this call? Backward is unaffected."""
-    if _path not in ("auto", "small") or not small_supported(x, w):
-        return False
-    return _path == "small" or x.shape[0] <= SMALL_MAX_M
+# Below this M "auto" merges by addmm: at M = 16 (CUDA graphs, H100, bench/NOTES.md) the cat merge's
+# GEMM over K + 8 columns ran slower than the plain GEMM plus a separate LoRA update (NF4,
+# 4096x4096: 60 vs 41 us; 4096x14336: 140 vs 119 us); from M = 4096 up the byte rule below picked
+# the faster one.
+CAT_MIN_M = 1024
 
 
 def _round8(r: int) -> int:
     return (r + 7) // 8 * 8
 
 
-# Below this M "auto" merges by addmm: at M = 16 (CUDA graphs, H100, bench/NOTES.md) the cat merge's
-# GEMM over K + 8 columns ran slower than the plain GEMM plus ``lora_up_add`` (NF4, 4096x4096: 60 vs
-# 41 us; 4096x14336: 140 vs 119 us); from M = 4096 up the byte rule below picked the faster one.
-CAT_MIN_M = 1024
-
-
-def _fwd_cat(m: int, n: int, k: int, quant: bool) -> bool:
+def _fwd_cat(m: int, n: int, k: int, quant: bool, merge: str) -> bool:
     """Merge the forward's LoRA term by concatenation? Bytes of [x | s·xa] (plus a copy of a dense
     W0) against an extra read+write of y; never for small M (see ``CAT_MIN_M``)."""
-    if _merge != "auto":
-        return _merge == "cat"
+    if merge != "auto":
+        if merge not in MERGES:
+            raise ValueError(f"fastlora: merge must be one of {', '.join(MERGES)}, got {merge!r}")
+        return merge == "cat"
     return m >= CAT_MIN_M and m * k + (0 if quant else 2 * n * k) < 2 * m * n
 
 
 def supports(x, base, lora_A, lora_B, bias=None, dropout_p=0.0) -> bool:
     """Whether :func:`lora_linear_fused` handles these inputs (else the caller uses the reference).
 
-    CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; bf16/fp16/fp32 activations with A, B
-    (and a dense W0, bias) of the same dtype; W0 dense 2-D or a 4-bit NF4/FP4 weight.
+    CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; bf16/fp16/fp32 activations with a dense
+    W0 and bias of the same dtype (A and B may be any float dtype: they are cast to x's); W0 dense 2-D
+    or a 4-bit NF4/FP4 weight.
     """
     if not isinstance(x, torch.Tensor) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
@@ -141,14 +92,14 @@ def supports(x, base, lora_A, lora_B, bias=None, dropout_p=0.0) -> bool:
         return False
     if any(t.device != x.device for t in tensors):
         return False
-    if lora_A.dtype != x.dtype or lora_B.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+    if not (lora_A.is_floating_point() and lora_B.is_floating_point()) or (bias is not None and bias.dtype != x.dtype):
         return False
     r = lora_A.shape[0]
     return k == x.shape[-1] and lora_A.dim() == 2 and lora_A.shape[1] == k and lora_B.shape == (n, r) and 1 <= r <= 256
 
 
 # ------------------------------------------------------------------------------------------------
-# implementation (plain functions on 2-D tensors)
+# implementation (plain functions on 2-D tensors; the same code runs eagerly and traced)
 # ------------------------------------------------------------------------------------------------
 def _weight(w, absmax, absmax2, code2, offset, qmeta) -> torch.Tensor | Packed4bit:
     n, k, bs, bs2, qtype = qmeta
@@ -157,123 +108,87 @@ def _weight(w, absmax, absmax2, code2, offset, qmeta) -> torch.Tensor | Packed4b
     return Packed4bit(w, absmax, ("nf4", "fp4")[qtype], (n, k), bs, absmax2, code2, bs2, offset)
 
 
-def _weight_of(base: torch.Tensor | QuantizedWeight) -> torch.Tensor | Packed4bit:
-    """The kernels' view of W0: the dense tensor itself, or a :class:`Packed4bit` of a 4-bit weight."""
-    if not isinstance(base, QuantizedWeight):
-        return base
+def _packed_of(base: QuantizedWeight) -> Packed4bit:
+    """The kernels' view of a 4-bit W0."""
     packed = base.packed if base.packed.dtype == torch.uint8 else base.packed.view(torch.uint8)
     offset = base.offset.reshape(1).float() if base.nested else None
     return Packed4bit(packed.reshape(-1), base.absmax, base.quant_type, tuple(base.shape), base.blocksize,
                       base.absmax2, base.code2, base.blocksize2, offset)  # fmt: skip
 
 
-def _dense_into(w: torch.Tensor | Packed4bit, out: torch.Tensor) -> None:
-    """W0 into the first ``K`` columns and ``N`` rows of ``out``."""
-    n, k = w.shape if isinstance(w, Packed4bit) else tuple(w.shape)
+def _dense(w: torch.Tensor | Packed4bit, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """W0 as a dense matrix (dequantised into ``out``'s first K columns when given)."""
     if isinstance(w, Packed4bit):
-        dequant_4bit(
-            w.packed, w.absmax, w.quant_type, w.shape, w.blocksize, out.dtype,
-            absmax2=w.absmax2, code2=w.code2, blocksize2=w.blocksize2, offset=w.offset, out=out,
-        )  # fmt: skip
-    else:
-        out[:n, :k].copy_(w)
-
-
-def _dense(w: torch.Tensor | Packed4bit, dtype: torch.dtype) -> torch.Tensor:
-    if isinstance(w, Packed4bit):
-        return dequant_4bit(
-            w.packed, w.absmax, w.quant_type, w.shape, w.blocksize, dtype,
-            absmax2=w.absmax2, code2=w.code2, blocksize2=w.blocksize2, offset=w.offset,
-        )  # fmt: skip
+        return dequant_packed(w, dtype, out)
+    if out is not None:
+        out[:, : w.shape[1]].copy_(w)
+        return out
     return w
 
 
-def dropout_keep_mask(m: int, k: int, p: float, seed: torch.Tensor | int, device: torch.device | str) -> torch.Tensor:
-    """The bool ``[m, k]`` keep-mask this backend applies to 2-D ``x [m, k]`` for ``(p, seed)``
-    (an int and an int tensor of the same low 31 bits give the same mask)."""
-    return lora_aux.dropout_keep_mask(m, k, p, seed, device)
+def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``s·(a·b)`` as one cuBLAS call (the scale is the GEMM's alpha; beta = 0 ignores the input)."""
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
 
 
-def _x_down(x, lora_A, dropout_p, seed) -> torch.Tensor:
-    """``xa = drop(x)·Aᵀ`` in x's dtype: ``lora_down`` under dropout (it applies the mask), else cuBLAS
-    (it reads x at full bandwidth: measured 2.5x faster than ``lora_down`` at M = 4096)."""
-    if dropout_p > 0.0:
-        return lora_down(x, lora_A, dropout_p=dropout_p, seed=seed)[0]
-    return torch.mm(x, lora_A.t())
-
-
-def forward_impl(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed):
+def forward_impl(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, merge="auto"):
     """``(y, xa)`` for 2-D ``x``; ``w`` dense or :class:`Packed4bit`."""
     m, k = x.shape
     r = lora_A.shape[0]
     n = w.shape[0]
-    quant = isinstance(w, Packed4bit)
-    if _use_fused(m):
-        splits = down_splits(m, k)
-        part, _ = lora_down(x, lora_A, dropout_p=dropout_p, seed=seed, splits=splits)
-        if part.dim() == 2:  # not split: part is xa
-            return lora_fwd_fused(x, w, lora_B, scaling, part, bias), part
-        xa = torch.empty((m, r), dtype=x.dtype, device=x.device)
-        y = lora_fwd_fused(x, w, lora_B, scaling, part, bias, xa_splits=part.shape[0], xa_out=xa)
-        return y, xa
-    if quant and _use_small(x, w):
-        xa = _x_down(x, lora_A, dropout_p, seed)
-        return lora_fwd_small(x, w, lora_B, scaling, xa, bias), xa
-    if _fwd_cat(m, n, k, quant):
+    if _fwd_cat(m, n, k, isinstance(w, Packed4bit), merge):
         rp = _round8(r)
         xa, xcat = lora_down(x, lora_A, dropout_p=dropout_p, seed=seed, cat_width=rp, scaling=scaling)
-        wcat = torch.empty((n, k + rp), dtype=x.dtype, device=x.device)  # [W0 | B | 0]
-        _dense_into(w, wcat)
+        wcat = _dense(w, x.dtype, torch.empty((n, k + rp), dtype=x.dtype, device=x.device))  # [W0 | B | 0]
         wcat[:, k : k + r].copy_(lora_B)
         if rp > r:
             wcat[:, k + r :].zero_()
         y = torch.addmm(bias, xcat, wcat.t()) if bias is not None else torch.mm(xcat, wcat.t())
         return y, xa
-    xa = _x_down(x, lora_A, dropout_p, seed)
+    # Without dropout cuBLAS, which reads x at full bandwidth: measured 2.5x faster than lora_down at M = 4096.
+    xa = lora_down(x, lora_A, dropout_p=dropout_p, seed=seed)[0] if dropout_p > 0.0 else torch.mm(x, lora_A.t())
     w0 = _dense(w, x.dtype)
     y = torch.addmm(bias, x, w0.t()) if bias is not None else torch.mm(x, w0.t())
-    lora_up_add(y, xa, lora_B.t(), scaling)
+    y.addmm_(xa, lora_B.t(), alpha=scaling)
     return y, xa
 
 
 def backward_impl(dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx=True, needs_lora=True):
     """``(dx or None, dA or None, dB or None)`` for 2-D ``dy``/``x``.
 
-    cuBLAS path without dropout: g = dy·B, dB = s·dyᵀ·xa and dA = s·gᵀ·x are three cuBLAS calls (on an
-    H100 they ran 4-6x faster than the single-pass ``lora_bwd_aux`` kernel at M >= 4096, whose
-    per-row-tile programs leave too few blocks in flight and add with atomics); then
-    dx = dy·W0 (cuBLAS on the dequantised scratch) += s·g·A (``lora_up_add``). With frozen A and B
-    (``needs_lora=False``: LoRA-GA's gradient estimation, which only needs dx) dA and dB are not
-    computed on this path -- two GEMMs fewer, each a pass over x or dy.
+    Without dropout: g = dy·B, dB = s·dyᵀ·xa and dA = s·gᵀ·x are three cuBLAS calls (on an H100 they
+    ran 4-6x faster than the single-pass ``lora_bwd_aux`` kernel at M >= 4096, whose per-row-tile
+    programs leave too few blocks in flight and add with atomics); then dx = dy·W0 (cuBLAS on the
+    dequantised scratch) += s·g·A (a cuBLAS epilogue; under dropout ``lora_up_add`` applies the mask).
+    With frozen A and B (``needs_lora=False``: LoRA-GA's gradient estimation, which only needs dx)
+    dA and dB are not computed -- two GEMMs fewer, each a pass over x or dy.
     """
-    m = dy.shape[0]
-    fused_path = _use_fused(m)
     if not (needs_dx or needs_lora):
         return None, None, None
-    if dropout_p > 0.0 or fused_path:
-        g, _, da, db = lora_bwd_aux(dy, x, xa, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed)
+    da = db = None
+    if dropout_p > 0.0:
+        g, da, db = lora_bwd_aux(dy, x, xa, lora_A, lora_B, scaling, dropout_p=dropout_p, seed=seed)
+        if not needs_lora:
+            da = db = None
     else:
         g = torch.mm(dy, lora_B)
-        da = db = None
         if needs_lora:
-            db = torch.mm(dy.t(), xa).mul_(scaling)
-            da = torch.mm(g.t(), x).mul_(scaling)
-    if not needs_lora:
-        da = db = None
+            db = _scaled_mm(dy.t(), xa, scaling)
+            da = _scaled_mm(g.t(), x, scaling)
     if not needs_dx:
         return None, da, db
-    if fused_path:
-        return lora_dx_fused(dy, w, lora_A, scaling, g, dropout_p=dropout_p, seed=seed), da, db
     dx = torch.mm(dy, _dense(w, dy.dtype))
-    lora_up_add(dx, g, lora_A, scaling, dropout_p=dropout_p, seed=seed)
+    if dropout_p > 0.0:
+        lora_up_add(dx, g, lora_A, scaling, dropout_p=dropout_p, seed=seed)
+    else:
+        dx.addmm_(g, lora_A, alpha=scaling)
     return dx, da, db
 
 
 # ------------------------------------------------------------------------------------------------
-# torch.library custom ops (opaque to torch.compile: no graph breaks; no host syncs inside)
+# torch.library triton ops: what torch.compile sees (Inductor traces into them; no graph break)
 # ------------------------------------------------------------------------------------------------
-@torch.library.custom_op("fastlora::lora_linear_fwd", mutates_args=())
-def _fwd_op(
+def _fwd_body(
     x: torch.Tensor,
     w: torch.Tensor,
     absmax: torch.Tensor | None,
@@ -289,18 +204,20 @@ def _fwd_op(
     seed: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     weight = _weight(w, absmax, absmax2, code2, offset, qmeta)
+    # Traced, the "cat" merge's in-place writes into slices of the [W0 | B] buffer (dequantisation, B,
+    # the zero tail) are functionalised, which can cost whole-buffer copies; the addmm merge writes
+    # only fresh buffers. Expected, not yet measured: the compiled 3B step with the cat merge was
+    # 0.70x compiled PEFT+bnb on an H200 (bench/NOTES.md).
     with torch.autocast(x.device.type, enabled=False):
-        return forward_impl(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
+        return forward_impl(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, "addmm")
 
 
-@_fwd_op.register_fake
-def _(x, w, absmax, absmax2, code2, offset, qmeta, lora_A, lora_B, bias, scaling, dropout_p, seed):
+def _fwd_fake(x, w, absmax, absmax2, code2, offset, qmeta, lora_A, lora_B, bias, scaling, dropout_p, seed):
     m = x.shape[0]
     return x.new_empty((m, qmeta[0])), x.new_empty((m, lora_A.shape[0]))
 
 
-@torch.library.custom_op("fastlora::lora_linear_bwd", mutates_args=())
-def _bwd_op(
+def _bwd_body(
     dy: torch.Tensor,
     x: torch.Tensor,
     w: torch.Tensor,
@@ -321,18 +238,32 @@ def _bwd_op(
     weight = _weight(w, absmax, absmax2, code2, offset, qmeta)
     with torch.autocast(dy.device.type, enabled=False):
         dx, da, db = backward_impl(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx, needs_lora)
-    # A custom op returns tensors (none aliasing another): an empty one stands for "not computed".
+    # An op returns tensors (none aliasing another): an empty one stands for "not computed".
     return tuple(dy.new_empty((0,)) if t is None else t for t in (dx, da, db))
 
 
-@_bwd_op.register_fake
-def _(
+def _bwd_fake(
     dy, x, w, absmax, absmax2, code2, offset, qmeta, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx, needs_lora
 ):
     dx = dy.new_empty((dy.shape[0], qmeta[1]) if needs_dx else (0,))
     if not needs_lora:
         return dx, dy.new_empty((0,)), dy.new_empty((0,))
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
+
+
+def _register(name: str, body, fake):
+    """A ``triton_op`` (its body is its own fake kernel: traced with fake tensors, the launches go
+    through ``wrap_triton``). Under the Triton interpreter an opaque custom op with an explicit fake
+    kernel instead: interpreted kernels cannot be traced."""
+    if interpreting():
+        op = torch.library.custom_op(name, body, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return torch.library.triton_op(name, body, mutates_args=())
+
+
+_fwd_op = _register("fastlora::lora_linear_fwd", _fwd_body, _fwd_fake)
+_bwd_op = _register("fastlora::lora_linear_bwd", _bwd_body, _bwd_fake)
 
 
 def _setup_context(ctx, inputs, output):
@@ -359,28 +290,43 @@ def _backward(ctx, dy, dxa):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_autocast(device_type: str):
+    """A context that turns autocast off, or a no-op one when it is off already (the common eager
+    case: building a ``torch.autocast`` context costs host time on every call)."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else _NULL
+
+
+_NULL = contextlib.nullcontext()
+
+
 class _LoraLinearFused(torch.autograd.Function):
-    """Eager twin of the custom ops (same implementation, less Python dispatch per call)."""
+    """Eager twin of the ops (same implementation, no dispatcher on the way). It takes x of any rank
+    and A, B in any float dtype and does the reshapes and casts itself: no view or cast nodes in the
+    autograd graph (the engine casts the returned A/B grads to the parameters' dtype)."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
-        with torch.autocast(x.device.type, enabled=False):
-            y, xa = forward_impl(x, weight, lora_A, lora_B, scaling, bias, dropout_p, seed)
-        ctx.save_for_backward(x, lora_A, lora_B, xa)
-        ctx.weight, ctx.scaling, ctx.dropout_p, ctx.seed = weight, scaling, dropout_p, seed
-        return y
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, merge):
+        x_shape = x.shape
+        x2 = x.reshape(-1, x_shape[-1])
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        with _no_autocast(x.device.type):
+            y, xa = forward_impl(x2, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, merge)
+        ctx.save_for_backward(x2, lora_A, lora_B, xa)
+        ctx.weight, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.x_shape = weight, scaling, dropout_p, seed, x_shape
+        return y.view(*x_shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         x, lora_A, lora_B, xa = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        with torch.autocast(dy.device.type, enabled=False):
+        with _no_autocast(dy.device.type):
             dx, da, db = backward_impl(
-                dy, x, ctx.weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p, ctx.seed,
-                bool(needs[0]), bool(needs[2] or needs[3]),
+                dy.reshape(-1, dy.shape[-1]), x, ctx.weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
+                ctx.seed, needs[0], needs[2] or needs[3],
             )  # fmt: skip
-        dbias = dy.sum(0) if needs[4] else None
-        return dx, None, da if needs[2] else None, db if needs[3] else None, dbias, None, None, None
+        dx = dx.view(ctx.x_shape) if dx is not None else None
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if needs[4] else None
+        return dx, None, da if needs[2] else None, db if needs[3] else None, dbias, None, None, None, None
 
 
 def lora_linear_fused(
@@ -392,37 +338,34 @@ def lora_linear_fused(
     bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     seed: torch.Tensor | int = 0,
+    merge: str = "auto",
 ) -> torch.Tensor:
-    """``x·W0ᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ (+ bias)`` through the Triton kernels, with autograd.
+    """``x·W0ᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ (+ bias)`` through cuBLAS and the Triton kernels, with autograd.
 
     Same contract as :func:`fastlora.ops.reference.lora_linear_reference` (check :func:`supports`
     first); the dropout mask is drawn by Philox from ``seed``, an int or a 1-element integer tensor
     on x's device (read by the kernels, never by the host; see the module docstring). Under
-    ``torch.compile`` this calls the ``fastlora::lora_linear_fwd``/``_bwd`` custom ops (no graph
-    break); eagerly, an ``autograd.Function`` around the same implementation.
+    ``torch.compile`` this calls the ``fastlora::lora_linear_fwd``/``_bwd`` triton ops (no graph
+    break); eagerly, an ``autograd.Function`` around the same implementation. ``merge`` forces how
+    the eager forward adds the LoRA term (one of :data:`MERGES`; for the benchmark and the tests).
     """
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    n = base.shape[0]
     # One seed tensor per call (an int seed becomes one; a tensor seed is used in place), or none.
     seed = seed_tensor(seed, x.device) if dropout_p > 0.0 else None
-    if isinstance(base, QuantizedWeight):
-        packed = base.packed if base.packed.dtype == torch.uint8 else base.packed.view(torch.uint8)
-        offset = base.offset.reshape(1).float() if base.nested else None
-        qtype = 0 if base.quant_type == "nf4" else 1
-        if not torch.compiler.is_compiling():
-            weight = _weight_of(base)
-            y = _LoraLinearFused.apply(x2, weight, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed)
-            return y.reshape(*x.shape[:-1], n)
-        qmeta = [n, k, base.blocksize, base.blocksize2, qtype]
-        wt = (packed.reshape(-1), base.absmax, base.absmax2, base.code2, offset)
+    quant = isinstance(base, QuantizedWeight)
+    if not torch.compiler.is_compiling():
+        weight = _packed_of(base) if quant else base
+        return _LoraLinearFused.apply(x, weight, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed, merge)
+    k = x.shape[-1]
+    n = base.shape[0]
+    if quant:
+        w = _packed_of(base)
+        qmeta = [n, k, w.blocksize, w.blocksize2, 0 if w.quant_type == "nf4" else 1]
+        wt = (w.packed, w.absmax, w.absmax2, w.code2, w.offset)
     else:
-        if not torch.compiler.is_compiling():
-            y = _LoraLinearFused.apply(x2, base, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed)
-            return y.reshape(*x.shape[:-1], n)
         qmeta = [n, k, 0, 0, 0]
         wt = (base, None, None, None, None)
+    lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
     y, _ = torch.ops.fastlora.lora_linear_fwd(
-        x2, *wt, qmeta, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed
+        x.reshape(-1, k), *wt, qmeta, lora_A, lora_B, bias, float(scaling), float(dropout_p), seed
     )
     return y.reshape(*x.shape[:-1], n)

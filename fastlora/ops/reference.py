@@ -26,12 +26,37 @@ def base_weight_dense(base: BaseWeight, dtype: torch.dtype) -> torch.Tensor:
     return base.to(dtype)
 
 
+# Constants of the SplitMix64 finaliser, as signed int64 (torch integer arithmetic wraps).
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
+
+
+def _srl(h: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 ``h`` (torch's ``>>`` is arithmetic)."""
+    return (h >> n) & ((1 << (64 - n)) - 1)
+
+
 def dropout_mask(shape: torch.Size, p: float, seed: torch.Tensor | int, device: torch.device) -> torch.Tensor:
-    """The fp32 keep mask scaled by 1/(1-p), reproducible from ``seed`` alone (an int, or a
-    1-element integer tensor: read on the host, a sync for a GPU tensor -- the fused path has none)."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(int(seed))
-    keep = torch.rand(shape, generator=gen, device=device) >= p
+    """The fp32 keep mask scaled by 1/(1-p), reproducible from ``seed`` alone: a counter-based draw
+    (SplitMix64 of ``seed`` and the element's flat index) made of plain tensor ops, so a seed given as
+    a device tensor is never read on the host and the mask traces into a torch.compile graph (no
+    ``torch.Generator`` is created). An int and a 1-element integer tensor holding the same low 31
+    bits give the same mask."""
+    if isinstance(seed, torch.Tensor):
+        s = seed.reshape(()).to(device=device, dtype=torch.int64) & 0x7FFFFFFF
+    else:
+        s = torch.tensor(int(seed) & 0x7FFFFFFF, dtype=torch.int64, device=device)
+    numel = 1
+    for d in shape:
+        numel *= d
+    h = torch.arange(numel, dtype=torch.int64, device=device) + s * _GOLDEN
+    h = h * _GOLDEN
+    h = (h ^ _srl(h, 30)) * _MIX1
+    h = (h ^ _srl(h, 27)) * _MIX2
+    h = h ^ _srl(h, 31)
+    u = _srl(h, 40).to(torch.float32) * (1.0 / (1 << 24))  # 24 random bits: uniform in [0, 1)
+    keep = (u >= p).reshape(shape)
     return keep.to(torch.float32) / (1.0 - p)
 
 
@@ -45,6 +70,7 @@ class LoraLinearReference(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base, bias, lora_A, lora_B, scaling, dropout_p, seed):
         x2 = x.reshape(-1, x.shape[-1])
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # grads come back cast by autograd
         w0 = base_weight_dense(base, x.dtype)
         xa = _drop(x2, dropout_p, seed) @ lora_A.t()  # [M, r]
         y = torch.addmm(bias, x2, w0.t()) if bias is not None else x2 @ w0.t()
@@ -88,7 +114,8 @@ def lora_linear_reference(
     """``x·W0ᵀ + scaling·(dropout(x)·lora_Aᵀ)·lora_Bᵀ (+ bias)`` with an explicit backward.
 
     Args:
-        x: ``[..., K]`` activations; every other float tensor must share its dtype.
+        x: ``[..., K]`` activations; a dense W0 and the bias must share its dtype; lora_A and lora_B
+            may be any float dtype (cast to x's, their gradients returned in their own dtype).
         base: ``W0 [N, K]`` (dense, any strides) or a 4-bit :class:`QuantizedWeight`.
         lora_A: ``[r, K]``; lora_B: ``[N, r]``.
         scaling: the LoRA scale s.

@@ -33,8 +33,7 @@ import torch
 from common import fresh, llama8b_config, peak_gib, quantize_linears, sync, token_batches
 
 import fastlora
-from fastlora.estimate import DenseAccumulator, HostAccumulator
-from fastlora.lora_ga import lora_ga_factors
+from fastlora.lora_ga import DenseAccumulator, HostAccumulator, lora_ga_factors
 
 
 def decoder_linears(model) -> dict[str, torch.nn.Module]:

@@ -1,4 +1,4 @@
-"""Accuracy of sketched LoRA-GA (``fastlora.sketch``) against the exact init, on real gradients (CPU).
+"""Accuracy of sketched LoRA-GA (``fastlora.lora_ga.sketch``) against the exact init, on real gradients (CPU).
 
 For each model below, the exact averaged gradient ``G`` of every linear layer is estimated densely
 (``fastlora.estimate_gradient``) and its top-2r singular vectors taken with an exact SVD; then for
@@ -41,9 +41,14 @@ import torch
 from common import token_batches
 
 import fastlora
-from fastlora.estimate import GradientAccumulator
-from fastlora.lora_ga import first_step_alignment, top_singular
-from fastlora.sketch import RangeAccumulator, SketchAccumulator, SketchedGradient
+from fastlora.lora_ga import (
+    GradientAccumulator,
+    RangeAccumulator,
+    SketchAccumulator,
+    SketchedGradient,
+    first_step_alignment,
+    top_singular,
+)
 
 HERE = Path(__file__).resolve().parent
 

@@ -111,3 +111,9 @@ def run_two_ranks(worker_source: str, args: list[str], tmp_path: Path, timeout: 
     for p in procs:
         log = p.communicate(timeout=timeout)[0].decode()
         assert p.returncode == 0, log
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``model(input_ids=ids).logits`` without autograd."""
+    with torch.no_grad():
+        return model(input_ids=ids).logits

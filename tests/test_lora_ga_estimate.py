@@ -200,3 +200,71 @@ def test_distributed_two_gloo_ranks_equal_one_process_on_union(tmp_path, offload
     )
     for n in single:
         torch.testing.assert_close(res["dist"][n], single[n], rtol=1e-5, atol=1e-7)
+
+
+# -- bad input: each error names fastlora.estimate_gradient and the fix ----------------------------------------
+
+
+def test_data_none_or_a_single_batch_is_refused_clearly():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"estimate_gradient: data is None; pass an iterable of batches"):
+        fastlora.estimate_gradient(model, None, progress=False)
+    batch = token_batches(1)[0]
+    with pytest.raises(TypeError, match=r"data is a single batch \(a dict with keys \['input_ids', 'labels'\]\)"):
+        fastlora.estimate_gradient(model, batch, progress=False)
+    with pytest.raises(TypeError, match=r"data is one Tensor"):
+        fastlora.estimate_gradient(model, batch["input_ids"], loss_fn=lambda m, b: m(b).logits.sum(), progress=False)
+    with pytest.raises(TypeError, match="data must be an iterable of batches, got int"):
+        fastlora.estimate_gradient(model, 3, progress=False)
+    with pytest.raises(ValueError, match=r"data= .* or grads="):  # the patch method says it in its own words
+        fastlora.patch(copy.deepcopy(model), method="lora_ga", r=2, alpha=4, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["list", "generator"])
+def test_progress_bar_total_is_the_number_of_batches_or_unknown(monkeypatch, kind):
+    import tqdm.auto
+
+    totals = []
+    real = tqdm.auto.tqdm
+
+    def recording(iterable, total=None, **kw):
+        totals.append(total)
+        return real(iterable, total=total, disable=True, **kw)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", recording)
+    data = token_batches(4)
+    est = fastlora.estimate_gradient(tiny_llama(), data if kind == "list" else (b for b in data), progress=True)
+    assert est.num_batches == 4
+    assert totals == [4 if kind == "list" else None]  # never the iters limit (64) of a 4-batch generator
+
+
+def test_integer_input_to_a_target_layer_gets_the_right_advice():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    ids = [torch.randint(0, 4, (2, 4))]
+    for m in (model, fastlora.patch(copy.deepcopy(model), r=1, alpha=1, target_modules=["0"])):
+        with pytest.raises(TypeError, match=r"layer '0' got torch.int64 input; .*Token ids go to the model") as info:
+            fastlora.estimate_gradient(
+                m, ids, loss_fn=lambda mod, b: mod(b).sum(), target_modules=["0"], progress=False
+            )
+        assert "model.to(torch.int64)" not in str(info.value)
+    # outside the estimate, the patched layer itself says the same
+    with pytest.raises(TypeError, match=r"layer 0 got torch.int64 input; a linear layer takes float") as info:
+        fastlora.lora_layers(m)["0"](ids[0])
+    assert "model.to(" not in str(info.value)
+
+
+def test_empty_dataloader_error_names_the_fix():
+    loader = torch.utils.data.DataLoader(list(range(3)), batch_size=4, drop_last=True)
+    assert len(loader) == 0
+    with pytest.raises(ValueError, match=r"estimate_gradient: data yielded no batch.*drop_last=True"):
+        fastlora.estimate_gradient(tiny_llama(), loader, progress=False)
+
+
+def test_nan_loss_error_names_the_batch():
+    data = token_batches(3)
+    ids = data[1]["input_ids"]
+    data[1] = {"input_ids": ids, "labels": torch.full_like(ids, -100)}  # no label: a 0/0 mean loss, zero gradient
+    assert torch.isnan(tiny_llama()(**data[1]).loss)
+    for sketch in (None, 8):  # dense and sketched: the batch is named, not silently averaged in
+        with pytest.raises(ValueError, match=r"estimate_gradient: the loss of batch 1 \(0-based\) is NaN.*-100"):
+            fastlora.estimate_gradient(tiny_llama(), data, sketch=sketch, progress=False)

@@ -316,7 +316,14 @@ def _run_pass(
         accumulator.flush()
     if finite and not bool(torch.stack([f.cpu() for f in finite]).all()):
         bad_loss = next(i for i, f in enumerate(finite) if not bool(f))
-    total_batches, *reached = _global_count(dist, [count, *(int(c > 0) for c in accumulator.updates.values())])
+    flags = [count, int(bad_loss is not None), *(int(c > 0) for c in accumulator.updates.values())]
+    total_batches, any_bad_loss, *reached = _global_count(dist, flags)
+    if any_bad_loss:
+        where = f"batch {bad_loss} (0-based)" if bad_loss is not None else "a batch of another rank"
+        raise ValueError(
+            f"{_WHO}: the loss of {where} is NaN/inf, which would make the estimate NaN or silently drop that "
+            "batch; check it (e.g. labels that are all -100 give a 0/0 mean loss) or leave it out of data"
+        )
     if total_batches == 0:
         raise ValueError(
             f"{_WHO}: data yielded no batch; LoRA-GA needs at least one. Check that the dataset is not empty "

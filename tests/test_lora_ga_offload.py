@@ -64,3 +64,72 @@ def test_cuda_host_accumulator_and_block_offload_match_plain():
         assert plain[n].is_cuda and not host[n].is_cuda
         assert relerr(host[n], plain[n]) < 1e-6, n
         assert relerr(blocks[n], plain[n]) < 1e-5, n
+
+
+# -- the offload argument, resolved once ---------------------------------------------------------------------
+
+
+def test_offload_combinations_work_or_are_refused():
+    from fastlora.lora_ga import DenseAccumulator, resolve_offload
+    from fastlora.lora_ga.targets import default_targets, target_shapes
+
+    model = tiny_llama()
+    data = token_batches(1)
+    refused = [
+        (dict(offload="disk"), "offload must be None, 'cpu', 'blocks' or a BlockOffloader"),
+        (dict(offload=None, device="cpu"), "settings of offload='blocks'"),
+        (dict(offload="cpu", blocks=["LlamaDecoderLayer"]), "settings of offload='blocks'"),
+        (dict(offload=BlockOffloader(tiny_llama(), device="cpu")), "BlockOffloader of another model"),
+        (dict(offload=BlockOffloader(model, device="cpu"), device="cpu"), "configured already"),
+        (dict(accumulator=DenseAccumulator({}), offload="cpu"), "offload='cpu' puts the sums in host memory"),
+        (dict(accumulator=DenseAccumulator({}), sketch=8), "pass one of them"),
+    ]
+    for kwargs, message in refused:
+        with pytest.raises(ValueError, match=message):
+            fastlora.estimate_gradient(model, data, progress=False, **kwargs)
+    # every accepted combination, dense and sketched, gives the plain result
+    plain, plain_sk = (fastlora.estimate_gradient(model, data, sketch=s, passes=1, progress=False) for s in (None, 8))
+    for offload in ("cpu", "blocks"):
+        dense = fastlora.estimate_gradient(model, data, offload=offload, progress=False)
+        sk = fastlora.estimate_gradient(model, data, offload=offload, sketch=8, passes=1, progress=False)
+        for n in plain:
+            torch.testing.assert_close(dense[n], plain[n], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(sk[n].dense(), plain_sk[n].dense(), rtol=1e-4, atol=1e-7)
+    # offload="cpu" is not dropped on the sketch path: its sketches live in host memory
+    targets = default_targets(model, "all-linear", None)
+    plan = resolve_offload("cpu", model, sketch=True)
+    assert plan.host_sums and plan.offloader is None
+    assert set(plan.sum_devices(targets).values()) == {torch.device("cpu")}
+    assert not resolve_offload(None, model, sketch=True).host_sums
+    assert resolve_offload("blocks", model, sketch=False, device="cpu").host_sums  # dense sums leave the device
+    assert len(target_shapes(targets)) == 14
+
+
+def test_two_sketch_passes_stream_through_one_offloader(monkeypatch):
+    """passes=2 with offload="blocks" builds (and pins) one BlockOffloader, used by both passes."""
+    from fastlora.lora_ga import offload as offload_module
+
+    base = tiny_llama(num_hidden_layers=3)
+    data = token_batches(2)
+    plain = fastlora.estimate_gradient(base, data, sketch=12, passes=2, progress=False)
+    built = []
+    real_init = offload_module.BlockOffloader.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(offload_module.BlockOffloader, "__init__", counting_init)
+    est = fastlora.estimate_gradient(base, data, sketch=12, passes=2, offload="blocks", device="cpu", progress=False)
+    assert len(built) == 1 and est.passes == 2
+    n_blocks, n_batches = 3, 2  # per pass: the first block once, middle ones twice per batch, the last once
+    assert built[0].loads == 2 * (1 + n_batches * ((n_blocks - 2) * 2 + 1))
+    assert built[0].resident() == []
+    for n in plain:
+        assert relerr(est[n].dense(), plain[n].dense()) < 1e-4, n
+    # a BlockOffloader given by the caller serves both passes too (its state is collected per entry)
+    off = BlockOffloader(base, device="cpu", poison_evicted=True)
+    est = fastlora.estimate_gradient(base, data, sketch=12, passes=2, offload=off, progress=False)
+    assert off.max_resident <= 3 and len(off._slots) == n_blocks
+    for n in plain:
+        assert relerr(est[n].dense(), plain[n].dense()) < 1e-4, n

@@ -188,3 +188,24 @@ def test_patch_lora_ga_with_offload_end_to_end(offload):
     torch.testing.assert_close(logits(model, ids), logits(base, ids), rtol=1e-5, atol=1e-5)
     for (n, a), (_, b) in zip(fastlora.lora_layers(model).items(), fastlora.lora_layers(ref).items()):
         torch.testing.assert_close(a.lora_B @ a.lora_A, b.lora_B @ b.lora_A, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_half_precision_base_keeps_the_offset_exact():
+    """offset="auto" on a bf16/fp16 W0 keeps the frozen term: the init equals the base (subtracting in
+    place would round W0: ~1e-2 off in bf16) and unpatch gives W0 back bit for bit."""
+    base = tiny_llama().to(torch.bfloat16)
+    ids = torch.randint(0, 96, (2, 12))
+    data = token_batches(1)
+    model = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=data, progress=False)
+    assert all(not la.offset_in_base and la.lora_A0 is not None for la in fastlora.lora_layers(model).values())
+    ref = logits(base, ids).double()
+    assert float((logits(model, ids).double() - ref).norm() / ref.norm()) < 1e-6
+    in_place = fastlora.patch(
+        copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=data, offset="base", progress=False
+    )  # what "auto" did before: measurably off
+    assert float((logits(in_place, ids).double() - ref).norm() / ref.norm()) > 1e-4
+    for (n, p), (_, q) in zip(fastlora.unpatch(model).named_parameters(), base.named_parameters()):
+        assert torch.equal(p, q), n
+    # an fp32 base is still offset in place (rounding ~1e-7): no rank-2r op in training
+    model32 = fastlora.patch(copy.deepcopy(tiny_llama()), method="lora_ga", r=4, alpha=8, data=data, progress=False)
+    assert all(la.offset_in_base for la in fastlora.lora_layers(model32).values())

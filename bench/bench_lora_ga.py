@@ -195,7 +195,7 @@ def run(args) -> dict:
 
     arm("ours-nf4", nf4, ours(None))
     arm("ours-nf4-cpu", nf4, ours("cpu"))
-    arm("ours-nf4-cpu-4workers", nf4, ours("cpu", lambda m: HostAccumulator(shapes(m), workers=4)))
+    arm("ours-nf4-cpu-4workers", nf4, ours(None, lambda m: HostAccumulator(shapes(m), workers=4)))  # host sums
 
     def qlora_steps(model, d):
         model.train()

@@ -133,3 +133,22 @@ def test_two_sketch_passes_stream_through_one_offloader(monkeypatch):
     assert off.max_resident <= 3 and len(off._slots) == n_blocks
     for n in plain:
         assert relerr(est[n].dense(), plain[n].dense()) < 1e-4, n
+
+
+@pytest.mark.gpu
+def test_cuda_sketch_with_host_sums_and_blocks():
+    """On CUDA, offload="cpu" puts a sketch's sums in host memory and "blocks" streams a host model;
+    both give the sketch of the plain on-device run."""
+    base = tiny_llama(num_hidden_layers=3)
+    data = token_batches(2)
+    plain = fastlora.estimate_gradient(copy.deepcopy(base).cuda(), data, sketch=12, passes=2, progress=False)
+    host = fastlora.estimate_gradient(
+        copy.deepcopy(base).cuda(), data, sketch=12, passes=2, offload="cpu", progress=False
+    )
+    blocks = fastlora.estimate_gradient(
+        copy.deepcopy(base), data, sketch=12, passes=2, offload="blocks", progress=False
+    )
+    for n in plain:
+        assert plain[n].U.is_cuda and not host[n].U.is_cuda and blocks[n].U.is_cuda
+        assert relerr(host[n].dense(), plain[n].dense()) < 1e-4, n
+        assert relerr(blocks[n].dense(), plain[n].dense()) < 1e-4, n

@@ -234,9 +234,9 @@ _DIST_WORKER = textwrap.dedent(
     model = tiny_llama()
     mine = data[rank::world]  # uneven on purpose: 3 batches and 2
     res = {}
-    for passes in (1, 2):
+    for passes in (1, 2, "auto"):
         est = fastlora.estimate_gradient(model, mine, sketch=12, passes=passes, progress=False)
-        res[passes] = {"n": est.num_batches, "f": {k: tuple(v) for k, v in est.items()}}
+        res[passes] = {"n": est.num_batches, "passes": est.passes, "f": {k: tuple(v) for k, v in est.items()}}
     if rank == 0:
         torch.save({"res": res, "data": data}, out)
     dist.destroy_process_group()
@@ -249,10 +249,10 @@ def test_distributed_two_gloo_ranks_equal_one_process_on_union(tmp_path):
     run_two_ranks(_DIST_WORKER, [str(out), str(tmp_path / "rendezvous")], tmp_path, timeout=150)
     saved = torch.load(out, weights_only=False)
     model = tiny_llama()
-    for passes in (1, 2):
+    for passes in (1, 2, "auto"):
         single = fastlora.estimate_gradient(model, saved["data"], sketch=12, passes=passes, progress=False)
         dist_res = saved["res"][passes]
-        assert dist_res["n"] == 5
+        assert dist_res["n"] == 5 and dist_res["passes"] == single.passes
         for name, f in single.items():
             got = LowRankGradient(*dist_res["f"][name])
             # the same sketch of the same sum (up to summation order): the same factors

@@ -494,9 +494,10 @@ def _estimate_sketched(
     if passes == "auto":
         worst = max(errors, key=errors.get)
         dist = _dist_world()
-        # every rank computed the same errors from the same sums; agree on the decision all the same
-        (again,) = _global_count(dist, [int(errors[worst] > AUTO_ERROR_THRESHOLD)])
-        if again and iter(data) is data:
+        # every rank computed the same errors from the same sums; agree on the decision all the same,
+        # and skip the second pass everywhere if any rank's data cannot be read twice
+        again, one_shot = _global_count(dist, [int(errors[worst] > AUTO_ERROR_THRESHOLD), int(iter(data) is data)])
+        if again and one_shot:
             warnings.warn(
                 f"{_WHO}: the single-pass sketch of layer {worst!r} has an estimated relative error of "
                 f"{errors[worst]:.2f} (> {AUTO_ERROR_THRESHOLD}), so its leading singular vectors are unreliable "

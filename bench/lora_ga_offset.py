@@ -81,41 +81,59 @@ def init_accuracy(dtype: torch.dtype, offset: str, r: int = 8) -> dict:
     }
 
 
-def step_time(offset: str, hidden: int, r: int, repeats: int) -> dict:
-    base = llama(hidden, 2, torch.float32)
+def step_times(hidden: int, r: int, repeats: int) -> list[dict]:
+    """Forward+backward of a training step with either offset, the two models interleaved (so that
+    a busy shared CPU slows both alike), and the frozen term's counted cost."""
     data = batches(2, 4, 256, 3)
-    model = fastlora.patch(base, method="lora_ga", r=r, alpha=2 * r, data=data, offset=offset, progress=False)
-    layers = fastlora.lora_layers(model).values()
-    times = []
-    for i in range(repeats + 1):
-        t0 = time.perf_counter()
-        model(**data[0]).loss.backward()
-        if i:  # the first step warms up
-            times.append(time.perf_counter() - t0)
-        for p in model.parameters():
-            p.grad = None
-    frozen_bytes = sum(
-        layer.lora_A0.numel() * layer.lora_A0.element_size() + layer.lora_B0.numel() * layer.lora_B0.element_size()
-        for layer in layers
-        if not layer.offset_in_base
-    )
-    # Per token: a training step of the base costs 6·in·out (forward 2, backward 2 for dX and — in full
-    # fine-tuning — 2 for dW; LoRA training skips dW, so 4·in·out is the fairer base here). A rank-r
-    # LoRA term adds 2r(in+out) forward and 4r(in+out) backward (dX, dA, dB); the frozen term doubles r.
-    base_flops = sum(4 * layer.in_features * layer.out_features for layer in layers)
-    lora_flops = sum(6 * layer.r * (layer.in_features + layer.out_features) for layer in layers)
-    return {
-        "offset": offset,
-        "hidden": hidden,
-        "r": r,
-        "tokens": data[0]["input_ids"].numel(),
-        "step_s_median": statistics.median(times),
-        "frozen_buffer_bytes": frozen_bytes,
-        "lora_param_bytes": sum(4 * layer.r * (layer.in_features + layer.out_features) for layer in layers),
-        "flops_per_token_base_linear": base_flops,
-        "flops_per_token_lora": lora_flops,
-        "flops_per_token_frozen_extra": lora_flops if offset == "frozen" else 0,
+    models = {
+        offset: fastlora.patch(
+            llama(hidden, 2, torch.float32),
+            method="lora_ga",
+            r=r,
+            alpha=2 * r,
+            data=data,
+            offset=offset,
+            progress=False,
+        )
+        for offset in ("base", "frozen")
     }
+    times: dict[str, list[float]] = {offset: [] for offset in models}
+    for i in range(repeats + 1):
+        for offset, model in models.items():
+            t0 = time.perf_counter()
+            model(**data[0]).loss.backward()
+            if i:  # the first round warms up
+                times[offset].append(time.perf_counter() - t0)
+            for p in model.parameters():
+                p.grad = None
+    rows = []
+    for offset, model in models.items():
+        layers = fastlora.lora_layers(model).values()
+        frozen_bytes = sum(
+            la.lora_A0.numel() * la.lora_A0.element_size() + la.lora_B0.numel() * la.lora_B0.element_size()
+            for la in layers
+            if not la.offset_in_base
+        )
+        # Per token: the base linears cost 4·in·out in a LoRA step (forward, dX; no dW). A rank-r LoRA
+        # term adds 2r(in+out) forward and 4r(in+out) backward (dX, dA, dB); the frozen term doubles r.
+        base_flops = sum(4 * la.in_features * la.out_features for la in layers)
+        lora_flops = sum(6 * la.r * (la.in_features + la.out_features) for la in layers)
+        rows.append(
+            {
+                "offset": offset,
+                "hidden": hidden,
+                "r": r,
+                "tokens": data[0]["input_ids"].numel(),
+                "step_s_median": statistics.median(times[offset]),
+                "step_s_all": times[offset],
+                "frozen_buffer_bytes": frozen_bytes,
+                "lora_param_bytes": sum(4 * la.r * (la.in_features + la.out_features) for la in layers),
+                "flops_per_token_base_linear": base_flops,
+                "flops_per_token_lora": lora_flops,
+                "flops_per_token_frozen_extra": lora_flops if offset == "frozen" else 0,
+            }
+        )
+    return rows
 
 
 def llama8b_frozen_cost(r: int = 16) -> dict:
@@ -147,7 +165,7 @@ def main() -> int:
             f"{row['dtype']:9s} offset={row['offset']:6s} (in base: {row['offset_in_base']!s:5s}): init logits "
             f"rel. err {row['init_logits_relerr']:.2e}, unpatch restores W0 to {row['unpatch_restore_max_relerr']:.2e}"
         )
-    out["cost"] = [step_time(offset, hidden, 16, 7) for hidden in (256, 512) for offset in ("base", "frozen")]
+    out["cost"] = [row for hidden in (256, 512) for row in step_times(hidden, 16, 9)]
     for row in out["cost"]:
         extra = row["flops_per_token_frozen_extra"] / row["flops_per_token_base_linear"]
         print(

@@ -8,7 +8,7 @@ the sketched estimate of the very same batches is compared with it:
 * **principal angles** between the sketched and exact ``U[:, :2r]`` and ``V[:, :2r]`` per layer:
   the largest angle (degrees; the median and the worst layer), and the subspace overlap
   ``‖Uₛᵀ·Uₑ‖²_F / 2r`` (1 = same subspace), averaged over layers;
-* **first-step alignment**, as tests/test_lora_ga.py defines it: after the LoRA-GA init (ArB2r,
+* **first-step alignment**, as tests/test_lora_ga_init.py defines it: after the LoRA-GA init (ArB2r,
   stable scale), one SGD step on the mean loss of the same batches; the cosine between the change
   of every layer's effective weight (concatenated) and the full fine-tuning step ``−G``. Reported
   for the exact init and for the sketched one, and their difference (the contract: ≥ −0.02).
@@ -133,7 +133,7 @@ def principal(U1: torch.Tensor, U2: torch.Tensor) -> tuple[float, float]:
 
 def first_step_cosine(model, data: list[dict], grads) -> float:
     """One SGD step on the mean loss of ``data``: cos(Δ effective weights, −G), all layers concatenated
-    (the definition of tests/test_lora_ga.py)."""
+    (the definition of tests/test_lora_ga_init.py)."""
     layers = fastlora.lora_layers(model)
     before = {n: layer.delta_weight().clone() for n, layer in layers.items()}
     for p in model.parameters():

@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -279,22 +280,29 @@ def _global_count(dist: Any, values: list[int]) -> list[int]:
 # -- the loop ------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _PassSettings:
+    """What every pass of one estimate shares."""
+
+    targets: Mapping[str, nn.Module]
+    plan: OffloadPlan
+    iters: int
+    loss_fn: LossFn | None
+    progress: bool
+
+
 def _run_pass(
     model: nn.Module,
     data: Iterable[Any],
     accumulator: GradientAccumulator,
-    *,
-    targets: Mapping[str, nn.Module],
-    plan: OffloadPlan,
-    iters: int,
-    loss_fn: LossFn | None,
-    progress: bool,
+    run: _PassSettings,
     desc: str = "fastlora: estimating gradients",
 ) -> int:
     """One pass over ``data`` feeding ``accumulator``; its sums are then summed over ranks and
     checked. Returns the number of batches over all ranks."""
+    targets, plan, loss_fn = run.targets, run.plan, run.loss_fn
     dist = _dist_world()
-    batches, total = _batches(data, iters)
+    batches, total = _batches(data, run.iters)
     count, bad_loss = 0, None
     finite: list[torch.Tensor] = []
     with contextlib.ExitStack() as stack:
@@ -302,7 +310,7 @@ def _run_pass(
         if plan.offloader is not None:
             stack.enter_context(plan.offloader)
         stack.enter_context(_capture(targets, accumulator))
-        for batch in _progress(batches, total, progress and (dist is None or dist.get_rank() == 0), desc):
+        for batch in _progress(batches, total, run.progress and (dist is None or dist.get_rank() == 0), desc):
             loss = _batch_loss(model, _to_device(batch, plan.device), loss_fn)
             if not loss.requires_grad:
                 raise ValueError(
@@ -341,14 +349,10 @@ def _run_pass(
     bad = accumulator.nonfinite_layers()
     if bad:
         more = f" (and {len(bad) - 1} more layer(s))" if len(bad) > 1 else ""
-        cause = (
-            f"the loss of batch {bad_loss} (0-based, on this rank) is NaN/inf, which makes every layer's gradient "
-            "NaN: check that batch (e.g. labels that are all -100 give a NaN mean loss)"
-            if bad_loss is not None
-            else "check the loss and the data, or the scale of that layer's inputs (a gradient overflowed)"
-        )
         raise ValueError(
-            f"{_WHO}: the gradient of layer {bad[0]!r}{more} has NaN/inf entries over {total_batches} batches; {cause}"
+            f"{_WHO}: the gradient of layer {bad[0]!r}{more} has NaN/inf entries over {total_batches} batches "
+            "although every loss was finite: a gradient overflowed; check the scale of that layer's inputs, or "
+            "estimate in fp32 (model.float())"
         )
     return total_batches
 
@@ -451,7 +455,7 @@ def estimate_gradient(
     shapes = target_shapes(targets)
     dtype = accumulation_dtype(targets)
     plan = resolve_offload(offload, model, sketch=ks is not None, device=device, blocks=blocks)
-    run = dict(targets=targets, plan=plan, iters=iters, loss_fn=loss_fn, progress=progress)
+    run = _PassSettings(targets, plan, iters, loss_fn, progress)
     if ks is None:
         own = accumulator is None
         if accumulator is None:
@@ -461,7 +465,7 @@ def estimate_gradient(
                 else DenseAccumulator(shapes, plan.sum_devices(targets), dtype)
             )
         try:
-            n = _run_pass(model, data, accumulator, **run)
+            n = _run_pass(model, data, accumulator, run)
             return GradientEstimate(accumulator.result(n), n)
         finally:
             if own:
@@ -478,17 +482,17 @@ def _estimate_sketched(
     passes: int | str,
     seed: int,
     dtype: torch.dtype,
-    run: dict[str, Any],
+    run: _PassSettings,
 ) -> SketchedGradient:
     """The sketched estimate: one pass, and a second one when ``passes`` asks for it (see the
     module docstring of :mod:`fastlora.lora_ga.sketch`)."""
-    targets, plan = run["targets"], run["plan"]
-    devices = plan.sum_devices(targets)
+    targets = run.targets
+    devices = run.plan.sum_devices(targets)
     first = SketchAccumulator(
         shapes, ks, seed=seed, devices=devices, dtype=dtype, reconstruct=passes != 2, probes=PROBES,
         top=leading_ranks(targets, ks),
     )  # fmt: skip
-    n = _run_pass(model, data, first, **run)
+    n = _run_pass(model, data, first, run)
     factors = first.result(n)
     errors = first.errors
     if passes == "auto":
@@ -518,7 +522,7 @@ def _estimate_sketched(
             _collective(dist, P, "broadcast")
     del first, factors
     second = RangeAccumulator(shapes, bases, devices=devices, dtype=dtype)
-    n2 = _run_pass(model, data, second, **run, desc="fastlora: estimating gradients (second sketch pass)")
+    n2 = _run_pass(model, data, second, run, desc="fastlora: estimating gradients (second sketch pass)")
     if n2 != n:
         raise ValueError(
             f"{_WHO}: the second sketch pass saw {n2} batches, the first {n}; the data must yield the same "

@@ -379,20 +379,18 @@ def resolve_offload(
     """
     if isinstance(offload, BlockOffloader):
         if offload.model is not model:
-            raise ValueError("fastlora.estimate_gradient: offload= is a BlockOffloader of another model")
+            raise ValueError("fastlora: offload= is a BlockOffloader of another model")
         if device is not None or blocks is not None:
             raise ValueError(
-                "fastlora.estimate_gradient: device= and blocks= configure offload='blocks'; a BlockOffloader "
+                "fastlora: device= and blocks= configure offload='blocks'; a BlockOffloader "
                 "passed as offload= is configured already (give them to BlockOffloader(...))"
             )
         return OffloadPlan(host_sums=not sketch, offloader=offload, device=offload.device)
     if offload not in OFFLOAD_CHOICES:
-        raise ValueError(
-            f"fastlora.estimate_gradient: offload must be None, 'cpu', 'blocks' or a BlockOffloader, got {offload!r}"
-        )
+        raise ValueError(f"fastlora: offload must be None, 'cpu', 'blocks' or a BlockOffloader, got {offload!r}")
     if offload != "blocks" and (device is not None or blocks is not None):
         raise ValueError(
-            f"fastlora.estimate_gradient: device= and blocks= are settings of offload='blocks', got offload={offload!r}; "
+            f"fastlora: device= and blocks= are settings of offload='blocks', got offload={offload!r}; "
             "move the model itself to choose its device"
         )
     if offload == "blocks":

@@ -112,13 +112,13 @@ def sketch_widths(sketch: int | str, targets: Mapping[str, nn.Module]) -> dict[s
         for name, module in targets.items():
             if not isinstance(module, LoraLinear):
                 raise ValueError(
-                    "fastlora.estimate_gradient: sketch='auto' sizes the sketch from each layer's LoRA rank; on an "
+                    "fastlora: sketch='auto' sizes the sketch from each layer's LoRA rank; on an "
                     f"unpatched model ({name!r} is no LoraLinear) give an int (e.g. sketch=4*r)"
                 )
             ks[name] = auto_sketch_size(module.r)
         return ks
     if isinstance(sketch, bool) or not isinstance(sketch, int) or sketch < 1:
-        raise ValueError(f"fastlora.estimate_gradient: sketch must be 'auto', a positive int or None; got {sketch!r}")
+        raise ValueError(f"fastlora: sketch must be 'auto', a positive int or None; got {sketch!r}")
     return dict.fromkeys(targets, sketch)
 
 

@@ -33,8 +33,7 @@ import torch
 from common import fresh, llama8b_config, peak_gib, quantize_linears, sync, token_batches
 
 import fastlora
-from fastlora.estimate import DenseAccumulator, HostAccumulator
-from fastlora.lora_ga import lora_ga_factors
+from fastlora.lora_ga import DenseAccumulator, HostAccumulator, lora_ga_factors
 
 
 def decoder_linears(model) -> dict[str, torch.nn.Module]:
@@ -196,7 +195,7 @@ def run(args) -> dict:
 
     arm("ours-nf4", nf4, ours(None))
     arm("ours-nf4-cpu", nf4, ours("cpu"))
-    arm("ours-nf4-cpu-4workers", nf4, ours("cpu", lambda m: HostAccumulator(shapes(m), workers=4)))
+    arm("ours-nf4-cpu-4workers", nf4, ours(None, lambda m: HostAccumulator(shapes(m), workers=4)))  # host sums
 
     def qlora_steps(model, d):
         model.train()

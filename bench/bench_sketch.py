@@ -34,7 +34,7 @@ import torch
 from common import GIB, fresh, llama8b_config, peak_gib, quantize_linears, sync, token_batches
 
 import fastlora
-from fastlora.sketch import auto_sketch_size
+from fastlora.lora_ga import auto_sketch_size
 
 
 def clock(device: torch.device, fn):
@@ -252,9 +252,9 @@ def profile(model, warm: list[dict], batch: list[dict], r: int, alpha: float, pa
     tables.append(("one QLoRA step", prof))
     model.eval()
     opt.zero_grad(set_to_none=True)
-    fastlora.estimate_gradient(model, warm, sketch="auto", progress=False)
+    fastlora.estimate_gradient(model, warm, sketch="auto", passes=1, progress=False)
     with torch_profile(activities=acts) as prof:
-        fastlora.estimate_gradient(model, batch, sketch="auto", progress=False)
+        fastlora.estimate_gradient(model, batch, sketch="auto", passes=1, progress=False)
         sync(batch[0]["input_ids"].device)
     tables.append(("one sketched batch (estimate_gradient, sketch='auto', reconstruction included)", prof))
     fastlora.unpatch(model)

@@ -14,15 +14,14 @@ when present.
 from __future__ import annotations
 
 from ._backend import get_backend, set_backend
-from ._dist import fully_shard
+from ._version import __version__
 from .adapter import load_adapter, save_adapter
-from .estimate import GradientEstimate, estimate_gradient
+from .fsdp import fully_shard
 from .layer import LoraLinear
+from .lora_ga import GradientEstimate, estimate_gradient
 from .patching import lora_layers, patch, register_method, unpatch
 from .quant import QuantizedWeight, dequantize, quantize_4bit
 from .trainer import TrainerMixin
-
-__version__ = "0.1.0"
 
 __all__ = [
     "GradientEstimate",

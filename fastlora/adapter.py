@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ._dist import is_main_process, unwrap_ddp
+from ._version import __version__
 from .layer import LoraLinear
-from .patching import inject, is_supported_linear, lora_layers
+from .patching import inject, is_supported_linear, lora_layers, restore_base_offset
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "load_adapter", "save_adapter"]
 
@@ -33,12 +34,6 @@ FROZEN_KEY = "fastlora_frozen_rank"
 CONFIG_DIGEST_KEY = "fastlora_config_sha256"
 _PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _pattern_value(name: str, pattern: dict[str, float], default: float) -> float:
@@ -106,7 +101,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str]) -> Path:
     # can resume training with A0, B0 frozen again. In the safetensors metadata, which PEFT ignores
     # (an unknown adapter_config.json key would make it warn).
     frozen = {n: int(layer.lora_A0.shape[0]) for n, layer in layers.items() if layer.lora_A0 is not None}
-    metadata = {"format": "pt", "fastlora_version": _version()}
+    metadata = {"format": "pt", "fastlora_version": __version__}
     if frozen:
         metadata[FROZEN_KEY] = json.dumps(frozen, sort_keys=True)
     config = {
@@ -438,9 +433,7 @@ def load_adapter(
         for name, ab in groups.items():
             layer, r = layers[name], specs[name][0]
             if layer.offset_in_base:  # a LoRA-GA offset subtracted in place: give the base back first
-                from .patching import _restore_base_offset
-
-                _restore_base_offset(layer)
+                restore_base_offset(layer)
             layer.lora_A.copy_(ab["A"][:r])
             layer.lora_B.copy_(ab["B"][:, :r])
             has_frozen = ab["A"].shape[0] > r

@@ -196,6 +196,11 @@ class LoraLinear(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         if not self.is_quantized:
             w_dtype = self.base_layer.weight.dtype
+            if not x.is_floating_point():  # token ids fed to a layer: converting the model is not the fix
+                raise TypeError(
+                    f"fastlora: layer {self.name or 'LoraLinear'} got {x.dtype} input; a linear layer takes float "
+                    "activations (token ids go to the model, e.g. model(input_ids=ids), which embeds them)"
+                )
             if x.dtype != w_dtype:
                 raise TypeError(
                     f"fastlora: layer {self.name or 'LoraLinear'} has {w_dtype} weights but got {x.dtype} input; "

@@ -11,12 +11,38 @@ from torch import nn
 from .layer import LoraLinear, is_conv1d
 from .quant import is_bnb_4bit
 
-__all__ = ["TargetSpec", "inject", "lora_layers", "patch", "register_method", "unpatch"]
+__all__ = [
+    "TargetSpec",
+    "inject",
+    "lora_layers",
+    "matches_target",
+    "patch",
+    "register_method",
+    "register_model_hooks",
+    "restore_base_offset",
+    "select_targets",
+    "unpatch",
+]
 
 TargetSpec = str | Sequence[str] | None
 
 # name -> init(model, layers, **method_kwargs). Called once after injection, before returning.
 _METHODS: dict[str, Callable[..., None]] = {}
+
+# Called with the model after every injection and after unpatch. fastlora.trainer registers the Hugging
+# Face save_pretrained hook here at package import: this module cannot import it (the trainer module
+# needs the adapter module, which needs this one).
+_AFTER_INJECT: list[Callable[[nn.Module], None]] = []
+_AFTER_UNPATCH: list[Callable[[nn.Module], None]] = []
+
+
+def register_model_hooks(after_inject: Callable[[nn.Module], None], after_unpatch: Callable[[nn.Module], None]) -> None:
+    """Run ``after_inject(model)`` after every injection of LoRA layers and ``after_unpatch(model)`` after
+    :func:`unpatch` (both once per call; registering the same pair twice is a no-op)."""
+    if after_inject not in _AFTER_INJECT:
+        _AFTER_INJECT.append(after_inject)
+    if after_unpatch not in _AFTER_UNPATCH:
+        _AFTER_UNPATCH.append(after_unpatch)
 
 
 def register_method(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -40,17 +66,6 @@ def _init_lora(model: nn.Module, layers: dict[str, LoraLinear], **kwargs: object
         raise TypeError(f"fastlora.patch(method='lora') got unexpected arguments: {sorted(kwargs)}")
 
 
-def _ensure_methods_loaded() -> None:
-    # Methods in their own modules register on import; import lazily to keep `import fastlora` light.
-    import importlib
-
-    try:
-        importlib.import_module("fastlora.lora_ga")
-    except ModuleNotFoundError as exc:
-        if exc.name != "fastlora.lora_ga":
-            raise
-
-
 def is_supported_linear(module: nn.Module) -> bool:
     """nn.Linear, bitsandbytes Linear4bit, or transformers Conv1D."""
     return isinstance(module, nn.Linear) or is_bnb_4bit(module) or is_conv1d(module)
@@ -70,13 +85,15 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if m is head}
 
 
-def _matches(name: str, spec: str | Sequence[str]) -> bool:
+def matches_target(name: str, spec: str | Sequence[str]) -> bool:
+    """Whether module ``name`` matches ``spec``: a regex over the full name, or a list of name suffixes."""
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
-def _select(model: nn.Module, target_modules: TargetSpec, exclude: TargetSpec) -> list[str]:
+def select_targets(model: nn.Module, target_modules: TargetSpec, exclude: TargetSpec) -> list[str]:
+    """Names of the modules of ``model`` that ``patch(target_modules=..., exclude=...)`` wraps, in model order."""
     if target_modules is None:
         target_modules = "all-linear"
     if isinstance(target_modules, str) and target_modules != "all-linear":
@@ -92,9 +109,9 @@ def _select(model: nn.Module, target_modules: TargetSpec, exclude: TargetSpec) -
         if target_modules == "all-linear":
             if not is_supported_linear(module) or name in heads:
                 continue
-        elif not _matches(name, target_modules):
+        elif not matches_target(name, target_modules):
             continue
-        if exclude is not None and _matches(name, exclude):
+        if exclude is not None and matches_target(name, exclude):
             continue
         if not is_supported_linear(module):
             if isinstance(module, LoraLinear):
@@ -166,14 +183,12 @@ def patch(
         TypeError: ``target_modules`` names a layer type LoRA cannot wrap.
     """
     if method not in _METHODS:
-        _ensure_methods_loaded()
-    if method not in _METHODS:
         raise ValueError(f"fastlora: unknown method {method!r}; available: {', '.join(sorted(_METHODS))}")
     if lora_layers(model):
         raise RuntimeError(
             "fastlora: this model is already patched; call fastlora.unpatch(model) before patching again"
         )
-    names = _select(model, target_modules, exclude)
+    names = select_targets(model, target_modules, exclude)
     if not names:
         linear = [n for n, m in model.named_modules() if is_supported_linear(m)]
         hint = ", ".join(linear[:8]) + (" ..." if len(linear) > 8 else "") if linear else "none"
@@ -227,9 +242,8 @@ def inject(
         _set_submodule(model, name, layer)
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
-    from .trainer import install_save_pretrained
-
-    install_save_pretrained(model)
+    for hook in _AFTER_INJECT:
+        hook(model)
     return layers
 
 
@@ -282,12 +296,11 @@ def unpatch(model: nn.Module, merge: bool = False, *, dequantize: bool = False) 
     dtype = _float_param_dtype(model) if merge and dequantize else None
     for name, layer in layers.items():
         if not merge and layer.offset_in_base:
-            _restore_base_offset(layer)
+            restore_base_offset(layer)
         new = _merged_base(layer, dequantize, dtype) if merge else layer.base_layer
         _set_submodule(model, name, new)
-    from .trainer import remove_save_pretrained
-
-    remove_save_pretrained(model)
+    for hook in _AFTER_UNPATCH:
+        hook(model)
     return model
 
 
@@ -302,7 +315,7 @@ def _float_param_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 @torch.no_grad()
-def _restore_base_offset(layer: LoraLinear) -> None:
+def restore_base_offset(layer: LoraLinear) -> None:
     """Undo LoRA-GA's in-place ``W0 − s·B0·A0`` (fp32 arithmetic; exact up to one rounding in W0's dtype)."""
     w = layer.base_layer.weight
     target = w.t() if is_conv1d(layer.base_layer) else w

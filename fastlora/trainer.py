@@ -17,6 +17,10 @@ from typing import Any
 
 from torch import nn
 
+from ._dist import unwrap_ddp
+from .adapter import CONFIG_NAME, load_adapter, save_adapter
+from .patching import lora_layers, register_model_hooks
+
 __all__ = ["TrainerMixin"]
 
 
@@ -46,8 +50,6 @@ class AdapterSavePretrained:
         ``state_dict`` (a full model state dict some engines pass) is not needed: the adapter is
         read from the LoRA layers. Serialization options do not apply; ``push_to_hub`` is refused.
         """
-        from .adapter import save_adapter
-
         if kwargs.get("push_to_hub"):
             raise ValueError(
                 "fastlora: save_pretrained(push_to_hub=True) is not supported on a patched model; save, then upload "
@@ -87,8 +89,6 @@ def remove_save_pretrained(model: nn.Module) -> None:
 
 
 def _is_adapter_dir(path: str | os.PathLike[str] | None) -> bool:
-    from .adapter import CONFIG_NAME
-
     return path is not None and os.path.isfile(os.path.join(path, CONFIG_NAME))
 
 
@@ -106,17 +106,12 @@ class TrainerMixin:
     """
 
     def _fastlora_model(self, model: nn.Module | None) -> nn.Module | None:
-        from ._dist import unwrap_ddp
-        from .patching import lora_layers
-
         model = unwrap_ddp(model if model is not None else self.model)
         return model if lora_layers(model) else None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         target = self._fastlora_model(model)
         if target is not None and _is_adapter_dir(resume_from_checkpoint):
-            from .adapter import load_adapter
-
             load_adapter(target, resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -125,8 +120,9 @@ class TrainerMixin:
         target = self._fastlora_model(None)
         best = self.state.best_model_checkpoint
         if target is not None and _is_adapter_dir(best):
-            from .adapter import load_adapter
-
             load_adapter(target, best)
             return
         super()._load_best_model()
+
+
+register_model_hooks(install_save_pretrained, remove_save_pretrained)

@@ -142,3 +142,9 @@ def tiny_opt(seed: int = 0):
         max_position_embeddings=64, word_embed_proj_dim=64,
     )  # fmt: skip
     return OPTForCausalLM(cfg).eval()
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """``model(input_ids=ids).logits`` without autograd."""
+    with torch.no_grad():
+        return model(input_ids=ids).logits

@@ -325,13 +325,13 @@ def test_lora_ga_init_identical_on_ranks_and_equal_to_single_process_on_union(ru
 
 
 def test_fully_shard_finds_the_decoder_blocks_and_refuses_bad_input():
-    from fastlora._dist import _decoder_blocks
+    from fastlora.fsdp import decoder_blocks
 
     model = tiny_llama(0)
     with pytest.raises(ValueError, match=r"no fastlora layers; call fastlora.patch\(model\) first"):
         fastlora.fully_shard(model)
     fastlora.patch(model, r=4)
-    assert _decoder_blocks(model) == list(model.model.layers)
+    assert decoder_blocks(model) == list(model.model.layers)
     with pytest.raises(ValueError, match="base must be one of shard, replicate"):
         fastlora.fully_shard(model, base="half")
     with pytest.raises(ValueError, match=r"pass blocks=\[\.\.\.\]"):

@@ -25,9 +25,18 @@ at most a factor 2 in expected error over an exact projection onto ``range(Y)``)
 side: a layer with ``n > m`` (e.g. ``down_proj``) is sketched as ``Gᵀ = Σ xᵀ·dY``, which swaps the
 roles of ``x`` and ``dY``. Memory per layer is then ``k·max(m, n) + l·min(m, n)``.
 
+**A-posteriori error estimate** (Tropp et al. 2017, §6): ``q`` extra rows ``Φ`` of the co-range
+test matrix (independent Gaussian probes, ``PROBES = 10``) give ``Z = Φ·A`` at the cost of ``q``
+more rows of ``W``; since ``E‖Φ·E‖²_F = q·‖E‖²_F`` for any fixed ``E``, ``‖Z − Φ·Â‖²_F / q`` is an
+unbiased estimate of the reconstruction's squared error ``‖A − Â‖²_F``. Divided by the energy of the
+leading triplets that matter (``Σ Ŝ²`` over the top ``2r`` for LoRA-GA) it says whether those
+triplets can be trusted: on every trained-model gradient measured it is below 0.07, on the flat
+spectra of random-init models above 0.5 (bench/sketch_accuracy.py). ``passes="auto"`` takes the
+second pass below exactly when some layer's estimate exceeds ``AUTO_ERROR_THRESHOLD``.
+
 **Two passes** (``passes=2``): when the spectrum decays slowly, a second pass over the same batches
 computes ``Y₂ = G·P`` exactly, with ``P = orth(Wᵀ)`` (``n × l``) the row-space basis found by the
-first pass's co-range sketch. That is the two-pass randomized SVD of Halko, Martinsson, Tropp
+first pass's co-range sketch (its probe rows included). That is the two-pass randomized SVD of Halko, Martinsson, Tropp
 (2011, Alg. 5.1) applied to ``Gᵀ`` with ``l`` columns: ``G ≈ G·P·Pᵀ`` with an exact (not a
 least-squares) projection, and ``range(Y₂) = range(G·Gᵀ·Ψᵀ)``: one power (subspace) iteration for
 the left singular vectors. The SVD of the ``m × l`` matrix ``Y₂ = Û·S·V̂ᵀ`` gives ``U = Û`` and
@@ -40,7 +49,7 @@ product of a half-precision activation with an fp32 operand (``x·Ω`` before it
 splits the fp32 operand into a bf16 high and low part (two tensor-core GEMMs with fp32 output),
 which keeps ~16 mantissa bits instead of bf16's 8 without upcasting the (large) activations.
 
-The sketch runs in the same hooks as the dense estimate (:mod:`fastlora.estimate`), as a handful of
+The sketch runs in the same hooks as the dense estimate (:mod:`fastlora.lora_ga.estimate`), as a handful of
 skinny GEMMs per layer and batch; it is not fused into the Triton LoRA kernels.
 """
 
@@ -48,34 +57,27 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .estimate import (
-    GradientAccumulator,
-    LossFn,
-    _default_targets,
-    _dist_world,
-    _mm_out_dtype_ok,
-    _module_device,
-    _weight_dtype,
-    estimate_gradient,
-)
-from .layer import LoraLinear, base_features
-from .offload import BlockOffloader
-from .patching import TargetSpec
+from ..layer import LoraLinear
+from .accumulators import GradientAccumulator
+from .products import mm_wide
 
 __all__ = [
+    "AUTO_ERROR_THRESHOLD",
+    "PROBES",
     "LowRankGradient",
     "RangeAccumulator",
     "SketchAccumulator",
     "SketchedGradient",
     "auto_sketch_size",
-    "estimate_sketched",
+    "leading_ranks",
     "reconstruct",
+    "sketch_widths",
     "test_matrix",
 ]
 
@@ -85,6 +87,10 @@ _WIDE = (torch.float32, torch.float64)
 # measurements of bench/sketch_accuracy.py (bench/NOTES.md, "Sketched LoRA-GA").
 AUTO_OVERSAMPLE_FRACTION = 1.0
 AUTO_MIN_OVERSAMPLE = 16
+# Probes of the a-posteriori error estimate (Tropp et al. 2017 §6 use q = 10).
+PROBES = 10
+# passes="auto" takes the second pass when a layer's estimated ‖A − Â‖² / Σ_{i≤top} Ŝᵢ² exceeds this.
+AUTO_ERROR_THRESHOLD = 0.2
 
 
 def auto_sketch_size(r: int) -> int:
@@ -96,6 +102,33 @@ def auto_sketch_size(r: int) -> int:
     if r < 1:
         raise ValueError(f"fastlora: r must be >= 1, got {r}")
     return 2 * r + max(AUTO_MIN_OVERSAMPLE, math.ceil(AUTO_OVERSAMPLE_FRACTION * 2 * r))
+
+
+def sketch_widths(sketch: int | str, targets: Mapping[str, nn.Module]) -> dict[str, int]:
+    """``{name: k}`` for ``estimate_gradient(sketch=...)``: an int for every layer, or ``"auto"``
+    (:func:`auto_sketch_size` of each LoRA layer's rank; refused for a plain layer, which has none)."""
+    if sketch == "auto":
+        ks = {}
+        for name, module in targets.items():
+            if not isinstance(module, LoraLinear):
+                raise ValueError(
+                    "fastlora: sketch='auto' sizes the sketch from each layer's LoRA rank; on an "
+                    f"unpatched model ({name!r} is no LoraLinear) give an int (e.g. sketch=4*r)"
+                )
+            ks[name] = auto_sketch_size(module.r)
+        return ks
+    if isinstance(sketch, bool) or not isinstance(sketch, int) or sketch < 1:
+        raise ValueError(f"fastlora: sketch must be 'auto', a positive int or None; got {sketch!r}")
+    return dict.fromkeys(targets, sketch)
+
+
+def leading_ranks(targets: Mapping[str, nn.Module], ks: Mapping[str, int]) -> dict[str, int]:
+    """How many leading triplets of each layer must be accurate: the ``2r`` LoRA-GA uses for a LoRA
+    layer, half the sketch width for a plain one (the oversampling ``auto_sketch_size`` leaves)."""
+    return {
+        name: min(2 * m.r, ks[name]) if isinstance(m, LoraLinear) else max(1, ks[name] // 2)
+        for name, m in targets.items()
+    }
 
 
 class LowRankGradient(NamedTuple):
@@ -140,15 +173,23 @@ class SketchedGradient(Mapping[str, LowRankGradient]):
         num_batches: batches averaged (over all ranks when distributed).
         passes: 1 (single-pass reconstruction) or 2 (second pass over the data).
         sizes: ``{name: (k, l)}``, the range and co-range sketch widths used per layer.
+        errors: ``{name: ε}``, the first pass's a-posteriori estimate of ``‖G − Ĝ‖²_F / Σ Ŝᵢ²`` over
+            the leading triplets that matter (see the module docstring); empty without probes.
     """
 
     def __init__(
-        self, factors: dict[str, LowRankGradient], num_batches: int, passes: int, sizes: dict[str, tuple[int, int]]
+        self,
+        factors: dict[str, LowRankGradient],
+        num_batches: int,
+        passes: int,
+        sizes: dict[str, tuple[int, int]],
+        errors: Mapping[str, float] | None = None,
     ) -> None:
         self._factors = dict(factors)
         self.num_batches = int(num_batches)
         self.passes = passes
         self.sizes = dict(sizes)
+        self.errors = dict(errors or {})
 
     def __getitem__(self, name: str) -> LowRankGradient:
         return self._factors[name]
@@ -164,9 +205,8 @@ class SketchedGradient(Mapping[str, LowRankGradient]):
 
     def to(self, device: torch.device | str) -> SketchedGradient:
         """A copy with every factor on ``device``."""
-        return SketchedGradient(
-            {k: v.to(device) for k, v in self._factors.items()}, self.num_batches, self.passes, self.sizes
-        )
+        factors = {k: v.to(device) for k, v in self._factors.items()}
+        return SketchedGradient(factors, self.num_batches, self.passes, self.sizes, self.errors)
 
 
 # -- test matrices and products ----------------------------------------------------------------------------
@@ -184,42 +224,6 @@ def test_matrix(seed: int, role: str, rows: int, cols: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(key)
     g = torch.randn(rows, cols, generator=gen).bfloat16().float()
     return g.masked_fill_(g.abs() < 2.0**-14, 0.0)
-
-
-def _split_hi_lo(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    hi = t.to(dtype)
-    return hi, (t - hi.to(t.dtype)).to(dtype)
-
-
-def mm_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with an fp32 (fp64 if either is fp64) result, never rounding an operand to less
-    than its own precision.
-
-    Two half-precision operands: a GEMM with fp32 output where the backend has one. One
-    half-precision and one wide operand: the wide one is split into a high and a low half-precision
-    part (``t ≈ hi + lo`` to ~16 mantissa bits), both multiplied in one GEMM with fp32 output, so the
-    large activation is never upcast. Elsewhere (CPU half precision), both are upcast.
-    """
-    if a.dtype in _WIDE and b.dtype in _WIDE:
-        dt = torch.promote_types(a.dtype, b.dtype)
-        return a.to(dt) @ b.to(dt)
-    if a.dtype == b.dtype:
-        if _mm_out_dtype_ok(a.device, a.dtype):
-            return torch.mm(a, b, out_dtype=torch.float32)
-        return a.float() @ b.float()
-    half = b.dtype if a.dtype in _WIDE else a.dtype
-    if a.dtype not in _WIDE and b.dtype not in _WIDE:  # two different half types
-        return a.float() @ b.float()
-    if torch.float64 in (a.dtype, b.dtype) or not _mm_out_dtype_ok(a.device, half):
-        dt = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
-        return a.to(dt) @ b.to(dt)
-    if a.dtype in _WIDE:
-        hi, lo = _split_hi_lo(a, half)
-        out = torch.mm(torch.cat([hi, lo], 0), b, out_dtype=torch.float32)
-        return out[: a.shape[0]] + out[a.shape[0] :]
-    hi, lo = _split_hi_lo(b, half)
-    out = torch.mm(a, torch.cat([hi, lo], 1), out_dtype=torch.float32)
-    return out[:, : b.shape[1]] + out[:, b.shape[1] :]
 
 
 def reconstruct(Y: torch.Tensor, W: torch.Tensor, Psi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -262,11 +266,6 @@ class _Layer:
         return (Vh.t(), S, U.t()) if self.transposed else (U, S, Vh)
 
 
-def _acc_dtype(targets: Mapping[str, nn.Module]) -> torch.dtype:
-    # As the dense path: an fp64 model (the exactness tests) is summed in fp64, anything else in fp32.
-    return torch.float64 if {_weight_dtype(m) for m in targets.values()} == {torch.float64} else torch.float32
-
-
 class _TestMatrices:
     """Shared test matrices, cast per (dtype, device) once; layers of equal size share them."""
 
@@ -283,7 +282,8 @@ class _TestMatrices:
 
 
 class SketchAccumulator(GradientAccumulator):
-    """Range and co-range sketches ``Y = A·Ω``, ``W = Ψ·A`` of every layer's summed gradient.
+    """Range and co-range sketches ``Y = A·Ω``, ``W = Ψ·A`` of every layer's summed gradient, and
+    ``probes`` rows ``Z = Φ·A`` for the a-posteriori error estimate (stacked under ``W``).
 
     Args:
         shapes: ``{name: (out, in)}``.
@@ -295,6 +295,13 @@ class SketchAccumulator(GradientAccumulator):
         dtype: accumulation dtype (fp32; fp64 for exactness tests).
         reconstruct: whether :meth:`result` runs the reconstruction (the first of two passes only
             needs the co-range bases, :meth:`corange_bases`).
+        probes: rows of the error estimate (0: none).
+        top: ``{name: t}`` (or one int), the leading triplets the error is measured against
+            (default: all ``k``).
+
+    Attributes:
+        errors: filled by :meth:`result` when ``probes > 0``: ``{name: ε}``, the estimate of
+            ``‖A − Â‖²_F / Σ_{i≤t} Ŝᵢ²`` (sums, so the number of batches cancels).
     """
 
     def __init__(
@@ -307,11 +314,18 @@ class SketchAccumulator(GradientAccumulator):
         devices: Mapping[str, torch.device] | torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         reconstruct: bool = True,
+        probes: int = 0,
+        top: int | Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(shapes)
+        if probes < 0:
+            raise ValueError(f"fastlora: probes must be >= 0, got {probes}")
         self.seed = seed
         self.dtype = dtype
         self.do_reconstruct = reconstruct
+        self.probes = probes
+        self.top = dict(top) if isinstance(top, Mapping) else dict.fromkeys(self.shapes, top)
+        self.errors: dict[str, float] = {}
         self._tests = _TestMatrices(seed)
         self.layers: dict[str, _Layer] = {}
         self.sizes: dict[str, tuple[int, int]] = {}
@@ -326,25 +340,28 @@ class SketchAccumulator(GradientAccumulator):
             dev = devices.get(name) if isinstance(devices, Mapping) else devices
             lay.sums = {
                 "Y": torch.zeros(lay.M, kk, dtype=dtype, device=dev),
-                "W": torch.zeros(ll, lay.N, dtype=dtype, device=dev),
+                "W": torch.zeros(ll + probes, lay.N, dtype=dtype, device=dev),
             }
             self.layers[name] = lay
             self.sizes[name] = (kk, ll)
 
     def test_matrices(self, name: str) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """``(Ω [N, k], Ψ [l, M], transposed)`` of layer ``name`` (fp32), ``A = Gᵀ`` if transposed."""
+        """``(Ω [N, k], [Ψ; Φ] [l + probes, M], transposed)`` of layer ``name`` (fp32), ``A = Gᵀ`` if
+        transposed; the first ``l`` rows of the second are Ψ, the rest the probes Φ."""
         lay, (k, k_co) = self.layers[name], self.sizes[name]
-        omega, psi = test_matrix(self.seed, "omega", lay.N, k), test_matrix(self.seed, "psi", k_co, lay.M)
+        omega = test_matrix(self.seed, "omega", lay.N, k)
+        psi = test_matrix(self.seed, "psi", k_co + self.probes, lay.M)
         return omega, psi, lay.transposed
 
     def add(self, name: str, x: torch.Tensor, dy: torch.Tensor) -> None:
         lay, (k, k_co) = self.layers[name], self.sizes[name]
         a, b = lay.operands(x, dy)  # A = aᵀ·b,  a [T, M], b [T, N]
         omega = self._tests.get("omega", lay.N, k, b.dtype if b.dtype not in _WIDE else self.dtype, b.device)
-        psi = self._tests.get("psi", k_co, lay.M, a.dtype if a.dtype not in _WIDE else self.dtype, a.device)
+        rows = k_co + self.probes
+        psi = self._tests.get("psi", rows, lay.M, a.dtype if a.dtype not in _WIDE else self.dtype, a.device)
         Y, W = lay.sums["Y"], lay.sums["W"]
         y = mm_wide(a.t(), mm_wide(b, omega))  # aᵀ·(b·Ω)   [M, k]
-        w = mm_wide(mm_wide(psi, a.t()), b)  # (Ψ·aᵀ)·b   [l, N]
+        w = mm_wide(mm_wide(psi, a.t()), b)  # ([Ψ; Φ]·aᵀ)·b   [l + probes, N]
         Y.add_(y.to(Y.device, Y.dtype))
         W.add_(w.to(W.device, W.dtype))
         self.updates[name] += 1
@@ -352,33 +369,31 @@ class SketchAccumulator(GradientAccumulator):
     def state(self) -> dict[str, torch.Tensor]:
         return {f"{name}\0{part}": t for name, lay in self.layers.items() for part, t in lay.sums.items()}
 
-    def _check_finite(self, num_batches: int) -> None:
-        bad = [n for n, lay in self.layers.items() if not all(bool(torch.isfinite(t).all()) for t in lay.sums.values())]
-        if bad:
-            more = f" (and {len(bad) - 1} more layer(s))" if len(bad) > 1 else ""
-            raise ValueError(
-                f"fastlora.estimate_gradient: the gradient of layer {bad[0]!r}{more} has NaN/inf entries "
-                f"(its sketch, over {num_batches} batches); check the loss and the data, or the scale of that "
-                "layer's inputs"
-            )
-
     def result(self, num_batches: int) -> dict[str, LowRankGradient]:
-        """Per layer the factors of the averaged gradient (``{}`` when ``reconstruct=False``)."""
-        self._check_finite(num_batches)
+        """Per layer the factors of the averaged gradient (``{}`` when ``reconstruct=False``); with
+        probes, also :attr:`errors`."""
         if not self.do_reconstruct:
             return {}
         out = {}
         for name, lay in self.layers.items():
-            _, psi, _ = self.test_matrices(name)
+            _, test, _ = self.test_matrices(name)
+            k_co = self.sizes[name][1]
             Y, W = lay.sums["Y"], lay.sums["W"]
-            U, S, Vh = reconstruct(Y, W, psi.to(Y.device))
+            test = test.to(Y.device)
+            U, S, Vh = reconstruct(Y, W[:k_co], test[:k_co])
+            if self.probes:
+                # ‖Z − Φ·Â‖² / q, with Φ·Â = (Φ·U)·diag(S)·Vh: an unbiased estimate of ‖A − Â‖²_F
+                phi, Z = test[k_co:].double(), W[k_co:].double()
+                err2 = float(((Z - ((phi @ U) * S) @ Vh) ** 2).sum()) / self.probes
+                top = S[: self.top[name] or len(S)]
+                self.errors[name] = err2 / max(float((top**2).sum()), torch.finfo(torch.float64).tiny)
             U, S, Vh = lay.to_g(U, S / num_batches, Vh)
             out[name] = LowRankGradient(*(t.to(self.dtype).contiguous() for t in (U, S, Vh)))
         return out
 
     def corange_bases(self) -> dict[str, torch.Tensor]:
-        """``P = orth(Wᵀ)`` per layer (``[N, min(l, N)]``, fp32/fp64): the row-space basis of ``A``
-        found by the co-range sketch, the test matrix of the second pass."""
+        """``P = orth(Wᵀ)`` per layer (``[N, min(l + probes, N)]``, fp32/fp64): the row-space basis of
+        ``A`` found by the co-range sketch and the probes, the test matrix of the second pass."""
         out = {}
         for name, lay in self.layers.items():
             W = lay.sums["W"]
@@ -436,146 +451,8 @@ class RangeAccumulator(GradientAccumulator):
         out = {}
         for name, lay in self.layers.items():
             Y = lay.sums["Y"]
-            if not bool(torch.isfinite(Y).all()):
-                raise ValueError(
-                    f"fastlora.estimate_gradient: the gradient of layer {name!r} has NaN/inf entries "
-                    f"(second sketch pass, over {num_batches} batches)"
-                )
             Uh, S, Vt = torch.linalg.svd(Y.double(), full_matrices=False)
             V = self.bases[name].to(Y.device).double() @ Vt.t()
             U, S, Vh = lay.to_g(Uh, S / num_batches, V.t())
             out[name] = LowRankGradient(*(t.to(self.dtype).contiguous() for t in (U, S, Vh)))
         return out
-
-
-# -- the driver ------------------------------------------------------------------------------------------------
-
-
-def _resolve_k(sketch: int | str, targets: Mapping[str, nn.Module], for_lora_ga: bool = False) -> dict[str, int]:
-    if for_lora_ga and isinstance(sketch, int) and not isinstance(sketch, bool):
-        # Refuse before the (expensive) estimate rather than after it.
-        for name, module in targets.items():
-            if isinstance(module, LoraLinear) and sketch < 2 * module.r:
-                raise ValueError(
-                    f"fastlora.patch(method='lora_ga'): sketch={sketch} is narrower than the top 2r = {2 * module.r} "
-                    f"singular vectors LoRA-GA needs (layer {name!r}); use sketch='auto' or an int >= 4r"
-                )
-    if sketch == "auto":
-        ks = {}
-        for name, module in targets.items():
-            if not isinstance(module, LoraLinear):
-                raise ValueError(
-                    "fastlora.estimate_gradient: sketch='auto' sizes the sketch from each layer's LoRA rank; on an "
-                    f"unpatched model ({name!r} is no LoraLinear) give an int (e.g. sketch=4*r)"
-                )
-            ks[name] = auto_sketch_size(module.r)
-        return ks
-    if isinstance(sketch, bool) or not isinstance(sketch, int) or sketch < 1:
-        raise ValueError(f"fastlora: sketch must be 'auto', a positive int or None; got {sketch!r}")
-    return dict.fromkeys(targets, sketch)
-
-
-def _broadcast(dist: Any, t: torch.Tensor) -> None:
-    # NCCL needs device tensors.
-    if t.device.type == "cpu" and dist.get_backend() == "nccl":
-        tmp = t.to(torch.device("cuda", torch.cuda.current_device()))
-        dist.broadcast(tmp, src=0)
-        t.copy_(tmp)
-    else:
-        dist.broadcast(t, src=0)
-
-
-def estimate_sketched(
-    model: nn.Module,
-    data: Iterable[Any],
-    *,
-    sketch: int | str = "auto",
-    passes: int = 1,
-    seed: int = 0,
-    iters: int = 64,
-    loss_fn: LossFn | None = None,
-    offload: str | BlockOffloader | None = None,
-    progress: bool = True,
-    target_modules: TargetSpec = "all-linear",
-    exclude: TargetSpec = None,
-    targets: Mapping[str, nn.Module] | None = None,
-    device: torch.device | str | None = None,
-    blocks: Sequence[nn.Module] | Sequence[str] | None = None,
-    for_lora_ga: bool = False,
-) -> SketchedGradient:
-    """``fastlora.estimate_gradient(..., sketch=k)``: the top singular triplets of every target
-    layer's averaged gradient, from randomized sketches, never materialising the gradient.
-
-    Args:
-        sketch: range-sketch width ``k`` per layer (int), or ``"auto"`` (:func:`auto_sketch_size` of
-            each LoRA layer's rank; needs a patched model). The co-range width is ``2k + 1``.
-        passes: 1 (single pass, the default) or 2 (a second pass over the same batches for one
-            power iteration; ``data`` must then be re-iterable, e.g. a list or a DataLoader, and
-            yield the same batches again).
-        seed: seed of the test matrices (the same on every rank).
-        for_lora_ga: refuse an int ``sketch`` below a LoRA layer's ``2r`` up front (the LoRA-GA init).
-        The others: as :func:`fastlora.estimate_gradient` (``offload="cpu"`` changes nothing here:
-        the sketches are small and stay beside their layers; ``"blocks"`` streams the model).
-
-    Returns:
-        A :class:`SketchedGradient`: ``{name: LowRankGradient(U, S, Vh)}`` of the averaged gradient,
-        fp32 (fp64 for an fp64 model), summed over ranks when ``torch.distributed`` is initialised.
-    """
-    if passes not in (1, 2):
-        raise ValueError(f"fastlora.estimate_gradient: passes must be 1 or 2, got {passes!r}")
-    if passes == 2 and iter(data) is data:
-        raise ValueError(
-            "fastlora.estimate_gradient: passes=2 goes over the data twice; pass a re-iterable (a list, a DataLoader "
-            "without shuffling), not an iterator or generator"
-        )
-    if targets is None:
-        targets = _default_targets(model, target_modules, exclude)
-    if not targets:
-        raise ValueError("fastlora.estimate_gradient: no target layer (no linear layer matched target_modules)")
-    shapes = {}
-    for name, module in targets.items():
-        n_in, n_out = base_features(module.base_layer if isinstance(module, LoraLinear) else module)
-        shapes[name] = (n_out, n_in)
-    ks = _resolve_k(sketch, targets, for_lora_ga)
-    dtype = _acc_dtype(targets)
-    if offload == "blocks" or isinstance(offload, BlockOffloader):
-        # The layers' parameters live on the host between uses; x and dY arrive on the compute device.
-        dev = offload.device if isinstance(offload, BlockOffloader) else torch.device(device or _default_device())
-        devices: Mapping[str, torch.device] | torch.device = dev
-    else:
-        devices = {n: _module_device(m) for n, m in targets.items()}
-    common = dict(
-        iters=iters, loss_fn=loss_fn, offload=None if offload == "cpu" else offload, progress=progress,
-        targets=targets, device=device, blocks=blocks,
-    )  # fmt: skip
-
-    acc = SketchAccumulator(shapes, ks, seed=seed, devices=devices, dtype=dtype, reconstruct=passes == 1)
-    try:
-        est = estimate_gradient(model, data, accumulator=acc, **common)
-    finally:
-        acc.close()
-    if passes == 1:
-        return SketchedGradient(dict(est.items()), est.num_batches, 1, acc.sizes)
-
-    bases = acc.corange_bases()
-    sizes = {n: (acc.sizes[n][0], bases[n].shape[1]) for n in shapes}
-    dist = _dist_world()
-    if dist is not None:  # every rank must multiply by the very same basis
-        for P in bases.values():
-            _broadcast(dist, P)
-    del acc
-    acc2 = RangeAccumulator(shapes, bases, devices=devices, dtype=dtype)
-    try:
-        est2 = estimate_gradient(model, data, accumulator=acc2, **common)
-    finally:
-        acc2.close()
-    if est2.num_batches != est.num_batches:
-        raise ValueError(
-            f"fastlora.estimate_gradient: passes=2 saw {est.num_batches} batches in the first pass and "
-            f"{est2.num_batches} in the second; the data must yield the same batches twice"
-        )
-    return SketchedGradient(dict(est2.items()), est2.num_batches, 2, sizes)
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -1,4 +1,4 @@
-"""LoRA-GA initialisation: ``fastlora.patch(model, method="lora_ga", data=..., r=..., alpha=...)``.
+"""LoRA-GA initialisation from an estimated gradient: SVD, directions, scales, offsets.
 
 LoRA-GA (Wang, Yu, Li 2024, "LoRA-GA: Low-Rank Adaptation with Gradient Approximation",
 arXiv 2407.05000) initialises each adapter from the SVD of the layer's averaged full-weight gradient
@@ -23,30 +23,33 @@ acknowledged. With ``V = Vᵀ`` rows (right singular vectors) and ``s`` the LoRA
 * offset: ``W_init = W0 − s·B·A`` in fp32, so that the patched model starts equal to the base model.
 
 fastlora differs from the reference in how, not what: the gradient comes from a streaming
-accumulator (:mod:`fastlora.estimate`) rather than ``.grad`` of every weight, and on a 4-bit ``W0``
-the offset is not re-quantised (lossy) but kept exactly as a frozen term inside
-:class:`~fastlora.LoraLinear`, which then computes ``W0 + s·(B·A − B0·A0)``.
+accumulator (:mod:`fastlora.lora_ga.estimate`) rather than ``.grad`` of every weight, and where
+subtracting the offset from ``W0`` would round it (a 4-bit or a bf16/fp16 ``W0``) the offset is kept
+exactly as a frozen term inside :class:`~fastlora.LoraLinear`, which then computes
+``W0 + s·(B·A − B0·A0)`` (:func:`apply_offset`, :func:`offset_in_base`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from .estimate import LossFn, estimate_gradient
-from .layer import LoraLinear, is_conv1d
-from .patching import lora_layers, register_method
+from ..layer import LoraLinear, is_conv1d
+from ..patching import lora_layers
 
 __all__ = [
     "DIRECTIONS",
+    "OFFSETS",
     "SCALES",
+    "SVD_METHODS",
+    "apply_offset",
     "factors_from_singular",
     "first_step_alignment",
     "lora_ga_factors",
+    "offset_in_base",
     "randomized_svd",
     "scale_factor",
     "select_directions",
@@ -205,7 +208,7 @@ def factors_from_singular(
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`lora_ga_factors` from precomputed top-2r singular vectors ``U [out, ≥2r]``, ``Vh [≥2r, in]``
-    (e.g. a sketched estimate's, :mod:`fastlora.sketch`); ``svd`` is then only the weightS SVD's method."""
+    (e.g. a sketched estimate's, :mod:`fastlora.lora_ga.sketch`); ``svd`` is then only the weightS SVD's method."""
     m = U.shape[0]
     if U.shape[1] < 2 * r or Vh.shape[0] < 2 * r:
         raise ValueError(f"fastlora: LoRA-GA needs the top 2r = {2 * r} singular vectors, got {U.shape[1]}")
@@ -219,25 +222,27 @@ def factors_from_singular(
     return (A * c).contiguous(), (B * c).contiguous()
 
 
-# -- the patch method ------------------------------------------------------------------------------------
+# -- offsets and the first step ---------------------------------------------------------------------------
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"fastlora.patch(method='lora_ga'): {name} must be one of {', '.join(choices)}; got {value!r}")
+def offset_in_base(layer: LoraLinear, offset: str) -> bool:
+    """Whether ``offset`` (``"auto"``, ``"base"`` or ``"frozen"``) subtracts ``s·B0·A0`` from the
+    layer's base weight in place, or keeps it as a frozen term.
 
-
-def _compute_device(layer: LoraLinear, G: torch.Tensor) -> torch.device:
-    # The SVD runs where it is fast: the layer's GPU, else the estimate's GPU, else any GPU.
-    if layer.lora_A.is_cuda:
-        return layer.lora_A.device
-    if G.is_cuda:
-        return G.device
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    ``"auto"`` subtracts in place only from an fp32/fp64 weight, where the rounding is ~1e-7
+    relative. A bf16/fp16 weight would be rounded (bf16: ~4e-3 relative per entry; measured on a
+    tiny Llama: init logits off by ~1e-2, and ``unpatch`` restoring W0 only to ~5e-4, see
+    bench/lora_ga_offset.py), and a 4-bit one re-quantised, so those keep the exact frozen term.
+    """
+    if offset == "base":
+        return True
+    if offset == "frozen" or layer.is_quantized:
+        return False
+    return layer.base_layer.weight.dtype in (torch.float32, torch.float64)
 
 
 @torch.no_grad()
-def _apply_offset(layer: LoraLinear, A: torch.Tensor, B: torch.Tensor, in_base: bool) -> None:
+def apply_offset(layer: LoraLinear, A: torch.Tensor, B: torch.Tensor, in_base: bool) -> None:
     """Set A, B and make the layer start equal to its base: ``W0 − s·B·A`` in place, or a frozen term."""
     layer.lora_A.copy_(A)
     layer.lora_B.copy_(B)
@@ -249,135 +254,6 @@ def _apply_offset(layer: LoraLinear, A: torch.Tensor, B: torch.Tensor, in_base: 
         offset = (B.to(target.device, f32) @ A.to(target.device, f32)) * layer.scaling
         target.copy_((target.to(f32) - offset).to(target.dtype))
     layer.offset_in_base = in_base
-
-
-@register_method("lora_ga")
-def init_lora_ga(
-    model: nn.Module,
-    layers: dict[str, LoraLinear],
-    *,
-    data: Iterable[Any] | None = None,
-    iters: int = 64,
-    loss_fn: LossFn | None = None,
-    direction: str = "ArB2r",
-    scale: str = "stable",
-    stable_gamma: float = 16,
-    grads: Mapping[str, Any] | None = None,
-    offload: str | None = None,
-    svd: str = "auto",
-    offset: str = "auto",
-    seed: int = 0,
-    progress: bool = True,
-    sketch: int | str | None = None,
-    passes: int = 1,
-) -> None:
-    """The ``method="lora_ga"`` init of :func:`fastlora.patch` (keyword arguments of ``patch``).
-
-    Args:
-        model: the freshly patched model (its LoRA layers start equal to the base).
-        layers: the injected layers, by name.
-        data: batches for :func:`fastlora.estimate_gradient` (needed unless ``grads`` is given).
-        iters: batches to average.
-        loss_fn: ``(model, batch) -> loss`` for non-dict batches.
-        direction: ``"ArB2r"`` (default), ``"A2rBr"``, ``"ArBr"`` or ``"random"``.
-        scale: ``"stable"`` (default), ``"gd"``, ``"unit"`` or ``"weightS"``.
-        stable_gamma: gamma of the stable scale (default 16).
-        grads: a precomputed estimate (``{name: [out, in]}``, e.g. a :class:`GradientEstimate`, or a
-            sketched one, ``estimate_gradient(..., sketch=k)``) for every target layer; then ``data`` is
-            not used.
-        offload: passed to :func:`fastlora.estimate_gradient` (``None``, ``"cpu"``, ``"blocks"``).
-        svd: ``"auto"`` (randomized, q = 4r and 4 power iterations as the reference, where that is
-            smaller than the matrix), ``"exact"`` or ``"randomized"``.
-        offset: ``"auto"`` (subtract ``s·B·A`` from a float W0 in place, in fp32; keep it as a frozen
-            term for a 4-bit W0), ``"base"`` (always in place; refused for 4-bit) or ``"frozen"``.
-        seed: seed of the randomized SVD and of ``direction="random"`` (the same on every rank).
-        progress: progress bars.
-        sketch: ``None`` (dense estimate), or estimate only the top singular vectors from randomized
-            sketches of width ``k`` (an int, or ``"auto"``: ``fastlora.sketch.auto_sketch_size(r)``),
-            in ``O((out+in)·k)`` memory per layer instead of ``out·in`` (:mod:`fastlora.sketch`).
-        passes: with ``sketch``: 1, or 2 (a second pass over ``data`` for one power iteration).
-    """
-    _check_choice("direction", direction, DIRECTIONS)
-    _check_choice("scale", scale, SCALES)
-    _check_choice("svd", svd, SVD_METHODS)
-    _check_choice("offset", offset, OFFSETS)
-    if stable_gamma <= 0:
-        raise ValueError(f"fastlora.patch(method='lora_ga'): stable_gamma must be > 0, got {stable_gamma}")
-    for name, layer in layers.items():
-        if 2 * layer.r > min(layer.in_features, layer.out_features):
-            raise ValueError(
-                f"fastlora.patch(method='lora_ga'): r={layer.r} is too large for layer {name!r} "
-                f"({layer.in_features}->{layer.out_features}); LoRA-GA uses 2r singular vectors, so r <= "
-                f"{min(layer.in_features, layer.out_features) // 2}"
-            )
-        if offset == "base" and layer.is_quantized:
-            raise ValueError(
-                f"fastlora.patch(method='lora_ga'): offset='base' would re-quantise the 4-bit weight of {name!r} "
-                "(lossy); use offset='auto' or 'frozen'"
-            )
-    if grads is None:
-        if data is None:
-            raise ValueError(
-                "fastlora.patch(method='lora_ga') needs data= (an iterable of batches for the gradient estimate) "
-                "or grads= (a precomputed fastlora.estimate_gradient result)"
-            )
-        if sketch is not None:
-            from .sketch import estimate_sketched
-
-            grads = estimate_sketched(
-                model, data, sketch=sketch, passes=passes, seed=seed, iters=iters, loss_fn=loss_fn,
-                offload=offload, progress=progress, targets=layers, for_lora_ga=True,
-            )  # fmt: skip
-        else:
-            grads = estimate_gradient(
-                model, data, iters=iters, loss_fn=loss_fn, offload=offload, progress=progress, targets=layers
-            )
-    else:
-        missing = [n for n in layers if n not in grads]
-        if missing:
-            raise ValueError(
-                f"fastlora.patch(method='lora_ga'): grads has no entry for {len(missing)} target layer(s), e.g. {missing[0]!r}"
-            )
-        for name, layer in layers.items():
-            if tuple(grads[name].shape) != (layer.out_features, layer.in_features):
-                raise ValueError(
-                    f"fastlora.patch(method='lora_ga'): grads[{name!r}] has shape {tuple(grads[name].shape)}, "
-                    f"expected [out, in] = [{layer.out_features}, {layer.in_features}]"
-                )
-
-    # Every factor is computed before any weight changes: an error (or Ctrl-C) leaves the model as
-    # patch() made it, and patch() then unpatches it cleanly.
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    items = list(layers.items())
-    if progress:
-        try:
-            from tqdm.auto import tqdm
-
-            items = tqdm(items, desc="fastlora: LoRA-GA init", unit="layer", leave=False)
-        except ImportError:
-            pass
-    for i, (name, layer) in enumerate(items):
-        G = grads[name]
-        dev = _compute_device(layer, G)
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(seed * 1_000_003 + i)  # per layer, identical on every rank
-        weight = layer.dense_base_weight(torch.float32).to(dev) if scale == "weightS" else None
-        if isinstance(G, torch.Tensor):
-            A, B = lora_ga_factors(
-                G.to(dev, torch.float32), layer.r, scaling=layer.scaling, direction=direction, scale=scale,
-                stable_gamma=stable_gamma, svd=svd, weight=weight, generator=gen,
-            )  # fmt: skip
-        else:  # a sketched estimate's factors (fastlora.sketch.LowRankGradient): no SVD of G needed
-            U, Vh = G.U[:, : 2 * layer.r].to(dev, torch.float32), G.Vh[: 2 * layer.r].to(dev, torch.float32)
-            A, B = factors_from_singular(
-                U, Vh, layer.r, scaling=layer.scaling, direction=direction, scale=scale,
-                stable_gamma=stable_gamma, svd=svd, weight=weight, generator=gen,
-            )  # fmt: skip
-        factors[name] = (A.to(layer.lora_A.device), B.to(layer.lora_B.device))
-    for name, layer in layers.items():
-        A, B = factors[name]
-        in_base = offset == "base" or (offset == "auto" and not layer.is_quantized)
-        _apply_offset(layer, A, B, in_base)
 
 
 @torch.no_grad()

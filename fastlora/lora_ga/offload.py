@@ -1,4 +1,10 @@
-"""Asynchronous block offload: run a float model bigger than the GPU, one block at a time.
+"""Offload for gradient estimation: where the sums live, and streaming a float model bigger than the GPU.
+
+:func:`resolve_offload` interprets the ``offload`` argument of :func:`fastlora.estimate_gradient`
+once, into an :class:`OffloadPlan` that every pass of an estimate shares (a two-pass sketch streams
+its blocks through the same :class:`BlockOffloader` twice; nothing is built or pinned twice).
+
+Block offload, the rest of this module: the model runs one block at a time.
 
 The model's transformer blocks (Hugging Face ``_no_split_modules``, or given) stay in pinned host
 memory; everything else (embeddings, final norm, head) moves to the compute device for the duration.
@@ -27,9 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .quant import is_bnb_4bit
+from ..quant import is_bnb_4bit
+from .targets import module_device
 
-__all__ = ["BlockOffloader", "find_blocks"]
+__all__ = ["OFFLOAD_CHOICES", "BlockOffloader", "OffloadPlan", "find_blocks", "resolve_offload"]
+
+OFFLOAD_CHOICES = (None, "cpu", "blocks")
 
 
 def find_blocks(model: nn.Module, blocks: Sequence[nn.Module] | Sequence[str] | None = None) -> list[nn.Module]:
@@ -148,6 +157,8 @@ class BlockOffloader:
 
     # -- residency ------------------------------------------------------------------------------
     def _collect(self) -> None:
+        # Collected afresh on every entry: one offloader serves several passes (``passes=2``).
+        self._slots, self._rest = [], []
         in_block: set[int] = set()
         seen: set[int] = set()
         for block in self.blocks:
@@ -323,3 +334,66 @@ class BlockOffloader:
             slot.set(original)
         if self._cuda:
             torch.cuda.current_stream(self.device).synchronize()
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """The ``offload`` argument, resolved once per estimate.
+
+    Attributes:
+        host_sums: keep the sums (dense gradients or sketches) in host memory.
+        offloader: the block offloader streaming the model, or None.
+        device: where batches go (the offloader's compute device, else the model's device).
+    """
+
+    host_sums: bool
+    offloader: BlockOffloader | None
+    device: torch.device
+
+    def sum_devices(self, targets: dict[str, nn.Module]) -> dict[str, torch.device]:
+        """Where each target's sums live: host memory, the compute device of a streamed model (its
+        layers' parameters sit in host memory between uses), or beside each layer."""
+        if self.host_sums:
+            return dict.fromkeys(targets, torch.device("cpu"))
+        if self.offloader is not None:
+            return dict.fromkeys(targets, self.offloader.device)
+        return {name: module_device(m) for name, m in targets.items()}
+
+
+def resolve_offload(
+    offload: str | BlockOffloader | None,
+    model: nn.Module,
+    *,
+    sketch: bool,
+    device: torch.device | str | None = None,
+    blocks: Sequence[nn.Module] | Sequence[str] | None = None,
+) -> OffloadPlan:
+    """Interpret ``offload`` for one estimate (see :func:`fastlora.estimate_gradient`).
+
+    ``None``: sums beside the layers. ``"cpu"``: sums in host memory (dense: pinned, fed from a side
+    stream; sketched: the small sketches are added into host memory). ``"blocks"``: stream the
+    model's blocks through ``device``; the dense sums go to host memory (they would not fit beside a
+    model that does not fit), sketches stay on ``device``. A :class:`BlockOffloader`: as
+    ``"blocks"``, configured by the caller. ``device``/``blocks`` only mean something for
+    ``"blocks"`` and are refused elsewhere rather than ignored.
+    """
+    if isinstance(offload, BlockOffloader):
+        if offload.model is not model:
+            raise ValueError("fastlora: offload= is a BlockOffloader of another model")
+        if device is not None or blocks is not None:
+            raise ValueError(
+                "fastlora: device= and blocks= configure offload='blocks'; a BlockOffloader "
+                "passed as offload= is configured already (give them to BlockOffloader(...))"
+            )
+        return OffloadPlan(host_sums=not sketch, offloader=offload, device=offload.device)
+    if offload not in OFFLOAD_CHOICES:
+        raise ValueError(f"fastlora: offload must be None, 'cpu', 'blocks' or a BlockOffloader, got {offload!r}")
+    if offload != "blocks" and (device is not None or blocks is not None):
+        raise ValueError(
+            f"fastlora: device= and blocks= are settings of offload='blocks', got offload={offload!r}; "
+            "move the model itself to choose its device"
+        )
+    if offload == "blocks":
+        off = BlockOffloader(model, device=device, blocks=blocks)
+        return OffloadPlan(host_sums=not sketch, offloader=off, device=off.device)
+    return OffloadPlan(host_sums=offload == "cpu", offloader=None, device=module_device(model))

@@ -330,7 +330,7 @@ def driver(args, passthrough: list[str]) -> int:
         "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0),
         "torch": torch.__version__,
         "env": NVLINK_MULTICAST_OFF,
-        # Pinned Triton configs (FASTLORA_TRITON_CONFIG_*) change the kernels' speed, not the scaling.
+        # FASTLORA_BACKEND, if set, chooses the op's implementation: recorded with the numbers.
         "fastlora_env": {k: v for k, v in os.environ.items() if k.startswith("FASTLORA_")},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("worker", "out")},
     }

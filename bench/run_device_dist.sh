@@ -20,20 +20,12 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target /
 export PYTHONPATH=/tmp/fl-dist:/tmp/site-dist
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/env.txt"
 python3 -c "import torch, triton, transformers, bitsandbytes as b; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'bnb', b.__version__, 'gpus', torch.cuda.device_count())" 2>&1 | tail -1 | tee -a "$OUT/env.txt"
-# One Triton config per kernel: no autotuning (tens of compiles per shape) inside a short lease. The
-# scaling ratios compare the same kernels at 1 and 2 GPUs; absolute tok/s may be a little lower.
-export FASTLORA_TRITON_CONFIG_LORA_SMALL="BLOCK_N=64,BLOCK_K=128,num_warps=4,num_stages=3"
-export FASTLORA_TRITON_CONFIG_DEQUANT="BLOCK_R=64,BLOCK_K=64,num_warps=4,num_stages=2"
 rc=0
 if [ "${TESTS:-1}" = 1 ]; then
-    FASTLORA_TRITON_CONFIG_LORA_FWD="BLOCK_M=64,BLOCK_N=64,BLOCK_K=64,GROUP_M=4,num_warps=4,num_stages=3" \
-    FASTLORA_TRITON_CONFIG_LORA_DX="BLOCK_M=64,BLOCK_N=64,BLOCK_K=64,GROUP_M=4,num_warps=4,num_stages=3" \
     timeout "${TEST_TIMEOUT:-170}" python3 -P -m pytest tests/test_distributed.py -k nccl -q -p no:cacheprovider -rfE \
         2>&1 | tee "$OUT/pytest.log" | tail -40 || rc=1
 fi
 if [ "${BENCH:-1}" = 1 ]; then
-    FASTLORA_TRITON_CONFIG_LORA_FWD="BLOCK_M=128,BLOCK_N=128,BLOCK_K=64,GROUP_M=8,num_warps=8,num_stages=3" \
-    FASTLORA_TRITON_CONFIG_LORA_DX="BLOCK_M=128,BLOCK_N=128,BLOCK_K=64,GROUP_M=8,num_warps=8,num_stages=3" \
     # No -P: the script imports bench/common.py from its own folder (which is not the repo root).
     timeout "${BENCH_TIMEOUT:-200}" python3 bench/bench_distributed.py --gpus 1 2 --layers 8 --warmup 2 --iters 6 \
         --profile fsdp2-torch fsdp2 --profile-out "$OUT/profile.txt" --json "$OUT/distributed.json" ${BENCH_ARGS:-} \

@@ -135,6 +135,7 @@ def patch(
     dropout: float = 0.0,
     use_rslora: bool = False,
     dtype: torch.dtype | None = None,
+    fuse_blocks: bool = True,
     **method_kwargs: object,
 ) -> nn.Module:
     """Replace matching linear layers of ``model`` in place with :class:`LoraLinear` layers.
@@ -155,6 +156,10 @@ def patch(
         dropout: dropout probability on the LoRA branch's input.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         dtype: dtype of A and B (default fp32, as PEFT).
+        fuse_blocks: run the projections of recognised decoder blocks as grouped ops: q/k/v of an
+            attention as one op, a gated MLP (gate/up/down + SiLU or GELU-tanh) as one op (see
+            :mod:`fastlora.blocks`). The layers stay per-projection ``LoraLinear`` modules either way
+            (same parameters, same saved adapter); ``False`` runs every layer on its own.
         **method_kwargs: passed to the init method (e.g. ``data=``, ``iters=`` for LoRA-GA).
 
     Returns:
@@ -187,6 +192,10 @@ def patch(
     except BaseException:
         unpatch(model)
         raise
+    if fuse_blocks:
+        from .blocks import fuse_blocks as fuse
+
+        fuse(model)
     return model
 
 
@@ -254,11 +263,14 @@ def unpatch(model: nn.Module, merge: bool = False, *, dequantize: bool = False) 
     Returns:
         ``model``, with the base layers restored (their ``requires_grad`` stays False).
     """
+    from .blocks import unfuse_blocks
+
     layers = lora_layers(model)
     if merge and not dequantize:
         quant = [n for n, layer in layers.items() if layer.is_quantized]
         if quant:  # check all first: a refused merge must not leave the model half unpatched
             _merged_base(layers[quant[0]], dequantize=False)
+    unfuse_blocks(model)
     for name, layer in layers.items():
         if not merge and layer.offset_in_base:
             _restore_base_offset(layer)

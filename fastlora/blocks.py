@@ -95,6 +95,14 @@ class _MemberForward:
         return self.group.call(self.index, x)
 
 
+def _hooked(members: list[LoraLinear]) -> bool:
+    """Whether a forward hook watches one of the layers (e.g. LoRA-GA's gradient estimate): the fused
+    MLP never calls its layers, so it steps aside to let the hooks see their inputs and outputs."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in members) or bool(
+        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    )
+
+
 class _MLPForward:
     """A gated MLP module's ``forward``: the fused op, or the module's own forward where it cannot run."""
 
@@ -105,7 +113,8 @@ class _MLPForward:
         return type(self.module).forward(self.module, x)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() or grouping_blocker([*self.gate_up, self.down]) is not None:
+        members = [*self.gate_up, self.down]
+        if torch.compiler.is_compiling() or _hooked(members) or grouping_blocker(members) is not None:
             return self.original(x)
         return gated_mlp(x, self.gate_up, self.down, self.kind)
 

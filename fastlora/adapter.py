@@ -283,4 +283,8 @@ def load_adapter(
             layer.lora_B.copy_(ab["B"][:, :r])
             has_frozen = ab["A"].shape[0] > r
             layer.set_frozen_offset(ab["A"][r:] if has_frozen else None, -ab["B"][:, r:] if has_frozen else None)
+    if not existing:
+        from .blocks import fuse_blocks
+
+        fuse_blocks(model)
     return model

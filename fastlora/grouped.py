@@ -77,6 +77,11 @@ class GroupCall:
         return self.ncols[-1][1]
 
     @property
+    def rank(self) -> int:
+        """R: rows of the concatenated A."""
+        return self.nrows[-1][1]
+
+    @property
     def any_dropout(self) -> bool:
         return any(p > 0.0 for p in self.dropout)
 
@@ -138,35 +143,50 @@ def _dequant_kernel():
     return dequant_4bit
 
 
-def _dequant_into(base: QuantizedWeight, out: torch.Tensor) -> None:
-    """Dequantise ``base`` into ``out`` ([N, K], contiguous rows) on CUDA with the Triton kernel."""
-    kernel = _dequant_kernel()
-    if kernel is None:
-        out.copy_(base_weight_dense(base, out.dtype))
-        return
-    packed = base.packed if base.packed.dtype == torch.uint8 else base.packed.view(torch.uint8)
-    kernel(
-        packed.reshape(-1), base.absmax, base.quant_type, tuple(base.shape), base.blocksize, out.dtype,
-        absmax2=base.absmax2, code2=base.code2, blocksize2=base.blocksize2,
-        offset=base.offset.reshape(1).float() if base.nested else None, out=out,
-    )  # fmt: skip
+def _use_kernel(device: torch.device) -> bool:
+    """Dequantise with the Triton kernel? (on CUDA; the CPU uses :func:`fastlora.quant.dequantize`)"""
+    return device.type == "cuda"
 
 
-def dense_weights(call: GroupCall, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The members' W0 stacked, ``[N, K]`` in ``dtype``: 4-bit weights dequantised into one scratch
-    (from torch's caching allocator: the same block is reused call after call), dense ones
-    concatenated (a single dense member is used as it is)."""
-    bases = call.bases
-    if len(bases) == 1 and isinstance(bases[0], torch.Tensor):
-        return bases[0]
-    if device.type != "cuda":
-        return torch.cat([base_weight_dense(b, dtype) for b in bases], dim=0)
-    w = torch.empty((call.out_features, call.in_features), dtype=dtype, device=device)
-    for b, (n0, n1) in zip(bases, call.ncols):
-        if isinstance(b, QuantizedWeight):
-            _dequant_into(b, w[n0:n1])
-        else:
-            w[n0:n1].copy_(b)
+def _fill(base: BaseWeight, out: torch.Tensor) -> None:
+    """W0 ``[n, K]`` into the first ``K`` columns of ``out`` (``[n, ≥K]``, unit column stride)."""
+    k = base.shape[1]
+    if isinstance(base, QuantizedWeight) and _use_kernel(out.device):
+        kernel = _dequant_kernel()
+        if kernel is not None:
+            packed = base.packed if base.packed.dtype == torch.uint8 else base.packed.view(torch.uint8)
+            kernel(
+                packed.reshape(-1), base.absmax, base.quant_type, tuple(base.shape), base.blocksize, out.dtype,
+                absmax2=base.absmax2, code2=base.code2, blocksize2=base.blocksize2,
+                offset=base.offset.reshape(1).float() if base.nested else None, out=out,
+            )  # fmt: skip
+            return
+    out[:, :k].copy_(base_weight_dense(base, out.dtype))
+
+
+def _round8(v: int) -> int:
+    return (v + 7) // 8 * 8
+
+
+def _single_dense(call: GroupCall) -> bool:
+    return len(call.bases) == 1 and isinstance(call.bases[0], torch.Tensor)
+
+
+def scratch_weight(call: GroupCall, bs: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device,
+                   with_b: bool) -> torch.Tensor:  # fmt: skip
+    """The members' W0 stacked in one scratch ``[N, K]`` (4-bit weights dequantised into it), or with
+    ``with_b`` ``[N, K + R']``: ``[W0 | blockdiag(s_i·B_i) | 0]`` (R' pads the width to a multiple of 8),
+    the layout in which one GEMM yields both a base product and the LoRA term. From torch's caching
+    allocator: the same block is reused call after call."""
+    k, n = call.in_features, call.out_features
+    width = _round8(k + call.rank) if with_b else k
+    w = torch.empty((n, width), dtype=dtype, device=device)
+    for base, (n0, n1) in zip(call.bases, call.ncols):
+        _fill(base, w[n0:n1])
+    if with_b:
+        w[:, k:].zero_()
+        for (n0, n1), (r0, r1), b in zip(call.ncols, call.nrows, bs):
+            w[n0:n1, k + r0 : k + r1].copy_(b)
     return w
 
 
@@ -177,11 +197,15 @@ def _drop(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     return (x * dropout_mask(x.shape, p, seed, x.device)).to(x.dtype)
 
 
-def _forward(x, call: GroupCall, a_cat, bs) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(y [M, N], xa [M, R])``."""
-    w = dense_weights(call, x.dtype, x.device)
-    y = torch.addmm(call.bias, x, w.t()) if call.bias is not None else torch.mm(x, w.t())
-    del w
+def _forward(x, call: GroupCall, a_cat, bs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y [M, N], xa [M, R], x to save)``.
+
+    Where x is narrower than the output (q/k/v, gate/up) the LoRA term rides in the base GEMM:
+    ``y = [x | xa | 0]·[W0 | blockdiag(s·B) | 0]ᵀ`` -- a copy of x instead of a read and write of y
+    per member; the concatenated activation is what backward keeps (x is a view of it), so it costs no
+    memory beyond x and xa. Otherwise y = x·W0ᵀ and each member's term is added in place.
+    """
+    m, k = x.shape
     if call.any_dropout:
         xa = torch.cat(
             [
@@ -192,20 +216,46 @@ def _forward(x, call: GroupCall, a_cat, bs) -> tuple[torch.Tensor, torch.Tensor]
         )
     else:
         xa = torch.mm(x, a_cat.t())
+    if not _single_dense(call) and k < call.out_features:
+        w = scratch_weight(call, bs, x.dtype, x.device, with_b=True)
+        r = call.rank
+        xcat = torch.empty((m, w.shape[1]), dtype=x.dtype, device=x.device)
+        xcat[:, :k].copy_(x)
+        xcat[:, k : k + r].copy_(xa)
+        xcat[:, k + r :].zero_()
+        y = torch.addmm(call.bias, xcat, w.t()) if call.bias is not None else torch.mm(xcat, w.t())
+        return y, xa, xcat[:, :k]
+    w = call.bases[0] if _single_dense(call) else scratch_weight(call, bs, x.dtype, x.device, with_b=False)
+    y = torch.addmm(call.bias, x, w.t()) if call.bias is not None else torch.mm(x, w.t())
+    del w
     if len(bs) == 1:
         y.addmm_(xa, bs[0].t())
     else:
         for (n0, n1), (r0, r1), b in zip(call.ncols, call.nrows, bs):
             y[:, n0:n1].addmm_(xa[:, r0:r1], b.t())
-    return y, xa
+    return y, xa, x
 
 
 def _backward(dy, x, xa, call: GroupCall, a_cat, bs, need_dx: bool, need_a: bool, need_b: Sequence[bool]):
-    """``(dx, d a_cat, [d bs_i])`` (None where not needed) for 2-D ``dy``."""
-    single = len(bs) == 1
+    """``(dx, d a_cat, [d bs_i], g)`` (None where not needed; ``g = [dY_i·(s_i·B_i)]``) for 2-D ``dy``.
+
+    ``x`` may be None when ``need_a`` is False. With a materialised W0 scratch, dX's base product and g
+    come from one GEMM over dY: ``dY·[W0 | blockdiag(s·B)]``.
+    """
+    k = call.in_features
     cols = [slice(n0, n1) for n0, n1 in call.ncols]
     rows = [slice(r0, r1) for r0, r1 in call.nrows]
-    g = torch.mm(dy, bs[0]) if single else torch.cat([torch.mm(dy[:, c], b) for c, b in zip(cols, bs)], dim=1)
+    dx = None
+    if need_dx and not _single_dense(call):
+        w = scratch_weight(call, bs, dy.dtype, dy.device, with_b=True)
+        out = torch.mm(dy, w)
+        del w
+        # g is copied out (small): dx's in-place update below must not overlap the memory it reads.
+        dx, g = out[:, :k], out[:, k : k + call.rank].contiguous()
+    else:
+        g = torch.cat([torch.mm(dy[:, c], b) for c, b in zip(cols, bs)], dim=1) if len(bs) > 1 else dy @ bs[0]
+        if need_dx:
+            dx = torch.mm(dy, call.bases[0])
     dbs = [torch.mm(dy[:, c].t(), xa[:, r]) if nb else None for c, r, nb in zip(cols, rows, need_b)]
     da = None
     if need_a:
@@ -215,26 +265,22 @@ def _backward(dy, x, xa, call: GroupCall, a_cat, bs, need_dx: bool, need_a: bool
             )
         else:
             da = torch.mm(g.t(), x)
-    dx = None
     if need_dx:
-        w = dense_weights(call, dy.dtype, dy.device)
-        dx = torch.mm(dy, w)
-        del w
         if call.any_dropout:
             for r, p, s in zip(rows, call.dropout, call.seeds):
                 lora = g[:, r] @ a_cat[r]
-                dx.add_(lora * dropout_mask(x.shape, p, s, x.device) if p > 0.0 else lora)
+                dx.add_(lora * dropout_mask(dx.shape, p, s, dx.device) if p > 0.0 else lora)
         else:
             dx.addmm_(g, a_cat)
-    return dx, da, dbs
+    return dx, da, dbs, g
 
 
 class _Grouped(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, call, a_cat, *bs):
         with torch.autocast(x.device.type, enabled=False):
-            y, xa = _forward(x, call, a_cat, bs)
-        ctx.save_for_backward(x, xa, a_cat, *bs)
+            y, xa, x_saved = _forward(x, call, a_cat, bs)
+        ctx.save_for_backward(x_saved, xa, a_cat, *bs)
         ctx.call = call
         return y
 
@@ -243,7 +289,7 @@ class _Grouped(torch.autograd.Function):
         x, xa, a_cat, *bs = ctx.saved_tensors
         needs = ctx.needs_input_grad
         with torch.autocast(dy.device.type, enabled=False):
-            dx, da, dbs = _backward(
+            dx, da, dbs, _ = _backward(
                 dy.contiguous(), x, xa, ctx.call, a_cat, bs, needs[0], needs[2], [bool(n) for n in needs[3:]]
             )
         return dx, None, da, *dbs
@@ -323,20 +369,22 @@ try:  # the Triton kernels are optional: CPU-only installs use the torch formula
         tl.store(h_ptr + offs, (a * u).to(h_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _act_mul_bwd_kernel(dh_ptr, eu_ptr, deu_ptr, total, F, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    def _act_mul_bwd_kernel(dh_ptr, eu_ptr, deu_ptr, total, F, stride_dh, KIND: tl.constexpr, BLOCK: tl.constexpr):
         # Reads dh, e, u; writes de, du into deu and h = act(e)·u over dh (dh is not needed after).
+        # dh may be the first F columns of a wider buffer (row stride stride_dh).
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < total
         row = offs // F
         col = offs - row * F
         e = tl.load(eu_ptr + row * 2 * F + col, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(eu_ptr + row * 2 * F + F + col, mask=mask, other=0.0).to(tl.float32)
-        dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dh_offs = row * stride_dh + col
+        dh = tl.load(dh_ptr + dh_offs, mask=mask, other=0.0).to(tl.float32)
         a, da = _act(e, KIND)
         ty = deu_ptr.dtype.element_ty
         tl.store(deu_ptr + row * 2 * F + col, (dh * u * da).to(ty), mask=mask)
         tl.store(deu_ptr + row * 2 * F + F + col, (dh * a).to(ty), mask=mask)
-        tl.store(dh_ptr + offs, (a * u).to(ty), mask=mask)
+        tl.store(dh_ptr + dh_offs, (a * u).to(ty), mask=mask)
 
     _TRITON = True
 except ImportError:
@@ -364,13 +412,14 @@ def act_mul(eu: torch.Tensor, kind: str, use_triton: bool | None = None) -> torc
 def act_mul_backward(
     dh: torch.Tensor, eu: torch.Tensor, kind: str, use_triton: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(h, [de | du])`` from ``dh [M, F]`` and ``eu [M, 2F]``; ``h`` is written over ``dh``."""
+    """``(h, [de | du])`` from ``dh [M, F]`` (unit column stride) and ``eu [M, 2F]`` (contiguous);
+    ``h`` is written over ``dh``."""
     m, f = eu.shape[0], eu.shape[1] // 2
     deu = torch.empty_like(eu)
     if use_triton if use_triton is not None else _use_triton(eu):
         total = m * f
         _act_mul_bwd_kernel[(triton.cdiv(total, _BLOCK),)](
-            dh, eu, deu, total, f, KIND=ACTIVATIONS.index(kind), BLOCK=_BLOCK
+            dh, eu, deu, total, f, dh.stride(0), KIND=ACTIVATIONS.index(kind), BLOCK=_BLOCK
         )
         return dh, deu
     a, da = _act_torch(eu[:, :f], kind)
@@ -390,42 +439,33 @@ class _GatedMLP(torch.autograd.Function):
     def forward(ctx, x, kind, call_gu, call_d, n_gu, a_gu, a_d, *bs):
         bs_gu, bs_d = bs[:n_gu], bs[n_gu:]
         with torch.autocast(x.device.type, enabled=False):
-            eu, xa_gu = _forward(x, call_gu, a_gu, bs_gu)
+            eu, xa_gu, x_saved = _forward(x, call_gu, a_gu, bs_gu)
             h = act_mul(eu, kind)
-            out, ha = _forward(h, call_d, a_d, bs_d)
-            del h
-        ctx.save_for_backward(x, eu, xa_gu, ha, a_gu, a_d, *bs)
+            out, ha, _ = _forward(h, call_d, a_d, bs_d)
+            del h  # recomputed in backward: only x, [e | u] and the rank-sized activations are kept
+        ctx.save_for_backward(x_saved, eu, xa_gu, ha, a_gu, a_d, *bs)
         ctx.kind, ctx.call_gu, ctx.call_d, ctx.n_gu = kind, call_gu, call_d, n_gu
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, eu, xa_gu, ha, a_gu, a_d, *bs = ctx.saved_tensors
-        n_gu = ctx.n_gu
+        n_gu, call_d = ctx.n_gu, ctx.call_d
         bs_gu, bs_d = bs[:n_gu], bs[n_gu:]
         needs = ctx.needs_input_grad
         need_b = [bool(n) for n in needs[7:]]
-        call_d = ctx.call_d
         with torch.autocast(dout.device.type, enabled=False):
-            dout = dout.contiguous()
-            # down: dh = dout·Wd + g·Ad (masked); h is recomputed inside the activation backward.
-            g = torch.mm(dout, bs_d[0])
-            db_d = torch.mm(dout.t(), ha) if need_b[n_gu] else None
-            wd = dense_weights(call_d, dout.dtype, dout.device)
-            dh = torch.mm(dout, wd)
-            del wd
-            p, seed = call_d.dropout[0], call_d.seeds[0]
-            if p > 0.0:
-                dh.add_((g @ a_d) * dropout_mask(dh.shape, p, seed, dh.device))
-            else:
-                dh.addmm_(g, a_d)
+            # down: dh (and g = dout·s·B) first; h = act(e)·u is recomputed by the activation
+            # backward, which writes it over dh, then gives dA of down.
+            dh, _, dbs_d, g = _backward(dout.contiguous(), None, ha, call_d, a_d, bs_d, True, False, need_b[n_gu:])
             h, deu = act_mul_backward(dh, eu, ctx.kind)
             da_d = None
             if needs[6]:
+                p, seed = call_d.dropout[0], call_d.seeds[0]
                 da_d = torch.mm(g.t(), _drop(h, p, seed) if p > 0.0 else h)
             del h, dh
-            dx, da_gu, dbs_gu = _backward(deu, x, xa_gu, ctx.call_gu, a_gu, bs_gu, needs[0], needs[5], need_b[:n_gu])
-        return dx, None, None, None, None, da_gu, da_d, *dbs_gu, db_d
+            dx, da_gu, dbs_gu, _ = _backward(deu, x, xa_gu, ctx.call_gu, a_gu, bs_gu, needs[0], needs[5], need_b[:n_gu])
+        return dx, None, None, None, None, da_gu, da_d, *dbs_gu, *dbs_d
 
 
 def gated_mlp(x: torch.Tensor, gate_up: Sequence[LoraLinear], down: LoraLinear, kind: str) -> torch.Tensor:

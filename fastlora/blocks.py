@@ -77,7 +77,7 @@ class _QKVGroup:
                 return LoraLinear.forward(member, x)
             if cache[0] is x:  # the same projection called twice on one input: compute it alone
                 return LoraLinear.forward(member, x)
-        if grouping_blocker(self.members) is not None:
+        if _one_row(x) or grouping_blocker(self.members) is not None:
             return LoraLinear.forward(member, x)
         outs: list[torch.Tensor | None] = list(grouped_linear(x, self.members))
         out, outs[index] = outs[index], None
@@ -93,6 +93,12 @@ class _MemberForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.call(self.index, x)
+
+
+def _one_row(x: torch.Tensor) -> bool:
+    """A single token (decoding): the per-layer op has a 4-bit kernel for it that never dequantises
+    W0, where the grouped op dequantises every weight of the group."""
+    return x.numel() <= x.shape[-1]
 
 
 def _hooked(members: list[LoraLinear]) -> bool:
@@ -114,7 +120,7 @@ class _MLPForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         members = [*self.gate_up, self.down]
-        if torch.compiler.is_compiling() or _hooked(members) or grouping_blocker(members) is not None:
+        if torch.compiler.is_compiling() or _one_row(x) or _hooked(members) or grouping_blocker(members) is not None:
             return self.original(x)
         return gated_mlp(x, self.gate_up, self.down, self.kind)
 

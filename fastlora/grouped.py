@@ -349,14 +349,17 @@ try:  # the Triton kernels are optional: CPU-only installs use the torch formula
 
     @triton.jit
     def _act(e, KIND: tl.constexpr):
+        """(act(e), act'(e)) in fp32: KIND 0 = SiLU, 1 = GELU-tanh (tanh written via exp)."""
         if KIND == 0:
             sig = 1.0 / (1.0 + tl.exp(-e))
-            return e * sig, sig * (1.0 + e * (1.0 - sig))
-        inner = 0.7978845608028654 * (e + 0.044715 * e * e * e)
-        t = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0  # tanh
-        return 0.5 * e * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * 0.7978845608028654 * (
-            1.0 + 0.134145 * e * e
-        )
+            a = e * sig
+            da = sig * (1.0 + e * (1.0 - sig))
+        else:
+            inner = 0.7978845608028654 * (e + 0.044715 * e * e * e)
+            t = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
+            a = 0.5 * e * (1.0 + t)
+            da = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * e * e)
+        return a, da
 
     @triton.jit
     def _act_mul_fwd_kernel(eu_ptr, h_ptr, total, F, KIND: tl.constexpr, BLOCK: tl.constexpr):

@@ -485,9 +485,9 @@ def test_gpu_code_path_in_interpreter(monkeypatch):
 def test_single_token_runs_per_layer(monkeypatch):
     """Decoding (one row): each layer runs its own op (its small-M 4-bit kernel on CUDA)."""
     calls = []
+    a, b = _pair(tiny_llama(), r=4, alpha=8)
     monkeypatch.setattr("fastlora.blocks.grouped_linear", lambda x, ms: calls.append(1))
     monkeypatch.setattr("fastlora.blocks.gated_mlp", lambda *a: calls.append(1))
-    a, b = _pair(tiny_llama(), r=4, alpha=8)
     ids = torch.tensor([[5]])
     with torch.no_grad():
         assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)

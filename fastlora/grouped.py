@@ -362,13 +362,19 @@ try:  # the Triton kernels are optional: CPU-only installs use the torch formula
         return a, da
 
     @triton.jit
-    def _act_mul_fwd_kernel(eu_ptr, h_ptr, total, F, KIND: tl.constexpr, BLOCK: tl.constexpr):
+    def _load_eu(eu_ptr, total, F, BLOCK: tl.constexpr):
+        """This program's flat indices into [M, F] and its e, u (fp32) from the contiguous [M, 2F]."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < total
         row = offs // F
         col = offs - row * F
         e = tl.load(eu_ptr + row * 2 * F + col, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(eu_ptr + row * 2 * F + F + col, mask=mask, other=0.0).to(tl.float32)
+        return offs, mask, row, col, e, u
+
+    @triton.jit
+    def _act_mul_fwd_kernel(eu_ptr, h_ptr, total, F, KIND: tl.constexpr, BLOCK: tl.constexpr):
+        offs, mask, _, _, e, u = _load_eu(eu_ptr, total, F, BLOCK)
         a, _ = _act(e, KIND)
         tl.store(h_ptr + offs, (a * u).to(h_ptr.dtype.element_ty), mask=mask)
 
@@ -376,12 +382,7 @@ try:  # the Triton kernels are optional: CPU-only installs use the torch formula
     def _act_mul_bwd_kernel(dh_ptr, eu_ptr, deu_ptr, total, F, stride_dh, KIND: tl.constexpr, BLOCK: tl.constexpr):
         # Reads dh, e, u; writes de, du into deu and h = act(e)·u over dh (dh is not needed after).
         # dh may be the first F columns of a wider buffer (row stride stride_dh).
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < total
-        row = offs // F
-        col = offs - row * F
-        e = tl.load(eu_ptr + row * 2 * F + col, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(eu_ptr + row * 2 * F + F + col, mask=mask, other=0.0).to(tl.float32)
+        _, mask, row, col, e, u = _load_eu(eu_ptr, total, F, BLOCK)
         dh_offs = row * stride_dh + col
         dh = tl.load(dh_ptr + dh_offs, mask=mask, other=0.0).to(tl.float32)
         a, da = _act(e, KIND)

@@ -57,19 +57,29 @@ def _grads(layers, x, outs):
     return torch.autograd.grad(loss, params)
 
 
-@pytest.mark.parametrize("frozen", [False, True])
-@pytest.mark.parametrize("bias", [False, True])
-def test_grouped_fp32_equals_per_layer(bias, frozen):
-    layers = _layers(40, (48, 16, 16), (4, 2, 8), torch.float32, bias=bias, frozen=frozen)
-    x = torch.randn(3, 5, 40, requires_grad=True)
+def _check_grouped(layers, x, seed: int | None = None):
+    """grouped_linear against the same layers called one by one (same RNG state): outputs and every
+    gradient (x, each A, each B), fp32-tight. Returns the grouped outputs."""
+    if seed is not None:
+        torch.manual_seed(seed)
     ref_out = [m(x) for m in layers]
     ref = _grads(layers, x, ref_out)
+    if seed is not None:
+        torch.manual_seed(seed)
     out = grouped_linear(x, layers)
     got = _grads(layers, x, out)
     for o, r in zip(out, ref_out):
         assert o.shape == r.shape and relerr(o, r) < 1e-6
     for g, r in zip(got, ref):
         assert relerr(g, r) < 1e-5
+    return out, ref_out
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_grouped_fp32_equals_per_layer(bias, frozen):
+    layers = _layers(40, (48, 16, 16), (4, 2, 8), torch.float32, bias=bias, frozen=frozen)
+    _check_grouped(layers, torch.randn(3, 5, 40, requires_grad=True))
 
 
 def _fp64_outputs(layers, x64):
@@ -115,14 +125,7 @@ def test_grouped_nf4_equals_per_layer():
     layers = _layers(64, (64, 32, 32), (4, 2, 8), torch.float32, bias=True, quant=True)
     assert all(m.is_quantized for m in layers)
     x = torch.randn(6, 64, requires_grad=True)
-    ref_out = [m(x) for m in layers]
-    ref = _grads(layers, x, ref_out)
-    out = grouped_linear(x, layers)
-    got = _grads(layers, x, out)
-    for o, r in zip(out, ref_out):
-        assert relerr(o, r) < 1e-6
-    for g, r in zip(got, ref):
-        assert relerr(g, r) < 1e-5
+    out, _ = _check_grouped(layers, x)
     for o, r in zip(out, _fp64_outputs(layers, x.detach().double())):
         assert relerr(o, r) < 1e-5
 
@@ -134,16 +137,7 @@ def test_grouped_dropout_equals_per_layer_same_seed():
     for m in layers:
         m.train()
     x = torch.randn(7, 40, requires_grad=True)
-    torch.manual_seed(123)
-    ref_out = [m(x) for m in layers]
-    ref = _grads(layers, x, ref_out)
-    torch.manual_seed(123)
-    out = grouped_linear(x, layers)
-    got = _grads(layers, x, out)
-    for o, r in zip(out, ref_out):
-        assert relerr(o, r) < 1e-6
-    for g, r in zip(got, ref):
-        assert relerr(g, r) < 1e-5
+    _, ref_out = _check_grouped(layers, x, seed=123)
     torch.manual_seed(124)  # another seed: another mask
     assert relerr(grouped_linear(x, layers)[0], ref_out[0]) > 1e-3
 

@@ -486,3 +486,36 @@ def test_single_token_runs_per_layer(monkeypatch):
     with torch.no_grad():
         assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
     assert calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
+def test_gpu_grouped_ops_nf4_bf16(kind, device="cuda"):
+    """On CUDA (Triton dequantisation into the scratch, cuBLAS, the activation kernels): q/k/v and
+    the gated MLP in bf16 on NF4 bases, against float64 and against the per-layer CUDA ops."""
+    qkv = [m.to(device) for m in _layers(256, (512, 128, 128), (16, 16, 8), torch.bfloat16, quant=True, frozen=True)]
+    gate_up, down = _mlp_layers(256, 704, torch.bfloat16, quant=True)
+    mlp = [m.to(device) for m in (*gate_up, down)]
+    x = torch.randn(2, 150, 256, device=device, dtype=torch.bfloat16, requires_grad=True)
+    cases = [
+        (qkv, lambda: grouped_linear(x, qkv), lambda ls, xx: [m(xx) for m in ls]),
+        (mlp, lambda: [gated_mlp(x, mlp[:2], mlp[2], kind)], lambda ls, xx: [_mlp_per_layer(xx, ls[:2], ls[2], kind)]),
+    ]
+    for layers, grouped_fn, per_layer_fn in cases:
+        out, ref_out = grouped_fn(), per_layer_fn(layers, x)
+        got, ref = _grads(layers, x, out), _grads(layers, x, ref_out)
+        # float64 truth: the same layers on dense float64 copies of their dequantised weights
+        twin = copy.deepcopy(layers)
+        for m in twin:
+            w = m.dense_base_weight(torch.float64)
+            m.base_layer = nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.float64, device=device)
+            m.base_layer.weight.data.copy_(w)
+            m.base_layer.requires_grad_(False)
+            m.to(torch.float64)
+        x64 = x.detach().double().requires_grad_(True)
+        truth_out = per_layer_fn(twin, x64)
+        truth = _grads(twin, x64, truth_out)
+        for o, r, t in zip(out, ref_out, truth_out):
+            assert o.dtype == torch.bfloat16 and relerr(o, t) < 1e-2 and relerr(r, t) < 1e-2
+        for g, r, t in zip(got, ref, truth):
+            assert relerr(g, t) < 1e-2, (relerr(g, t), relerr(r, t))

@@ -325,7 +325,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-s", type=float, default=None, help="skip the remaining arms after this many seconds")
     p.add_argument("--json", type=Path, default=Path("train_step.json"))
     p.add_argument("--tiny", action="store_true", help="small models on the CPU: checks the script, not speed")
+    p.add_argument("--report", type=Path, nargs="+", default=None,
+                   help="only print the table of these result files (merged; e.g. runs split over GPUs)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.report:
+        files = [json.loads(f.read_text()) for f in args.report]
+        merged = {**files[0], "runs": [r for f in files for r in f["runs"]]}
+        args.r, args.alpha, args.json = merged["r"], merged.get("alpha", args.alpha), args.report[0]
+        return print_table(merged, args)
     if not torch.cuda.is_available() and not args.tiny:
         raise SystemExit("bench/train_step.py needs a CUDA GPU (or --tiny for a CPU smoke run)")
     from transformers import LlamaForCausalLM
@@ -411,7 +418,8 @@ def print_table(results: dict, args) -> int:
                 f"{pre} {r['tokens_per_s']:9.0f} {r['peak_gib']:9.2f} {r['peak_act_gib']:8.2f}"
                 f" {ratio('tokens_per_s'):8.2f} {ratio('peak_gib'):7.2f} {ratio('peak_act_gib'):6.2f}  {losses}"
             )
-    print(f"wrote {args.json}")
+    if not args.report:
+        print(f"wrote {args.json}")
     return 0
 
 

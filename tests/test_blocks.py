@@ -52,7 +52,7 @@ def _layers(
 
 
 def _grads(layers, x, outs):
-    loss = sum((o.float() * torch.linspace(-1, 1, o.shape[-1])).sum() for o in outs)
+    loss = sum((o.float() * torch.linspace(-1, 1, o.shape[-1], device=o.device)).sum() for o in outs)
     params = [x] + [p for m in layers for p in (m.lora_A, m.lora_B)]
     return torch.autograd.grad(loss, params)
 

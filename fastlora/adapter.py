@@ -23,6 +23,7 @@ from torch import nn
 
 from ._dist import is_main_process, unwrap_ddp
 from ._version import __version__
+from .blocks import fuse_blocks
 from .layer import LoraLinear
 from .patching import inject, is_supported_linear, lora_layers, restore_base_offset
 
@@ -438,4 +439,6 @@ def load_adapter(
             layer.lora_B.copy_(ab["B"][:, :r])
             has_frozen = ab["A"].shape[0] > r
             layer.set_frozen_offset(ab["A"][r:] if has_frozen else None, -ab["B"][:, r:] if has_frozen else None)
+    if not existing:
+        fuse_blocks(model)
     return model

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from . import blocks
 from .layer import LoraLinear, is_conv1d
 from .quant import is_bnb_4bit
 
@@ -152,6 +153,7 @@ def patch(
     dropout: float = 0.0,
     use_rslora: bool = False,
     dtype: torch.dtype | None = None,
+    fuse_blocks: bool = True,
     **method_kwargs: object,
 ) -> nn.Module:
     """Replace matching linear layers of ``model`` in place with :class:`LoraLinear` layers.
@@ -172,6 +174,10 @@ def patch(
         dropout: dropout probability on the LoRA branch's input.
         use_rslora: rank-stabilised scaling ``alpha / sqrt(r)``.
         dtype: dtype of A and B (default fp32, as PEFT).
+        fuse_blocks: run the projections of recognised decoder blocks as grouped ops: q/k/v of an
+            attention as one op, a gated MLP (gate/up/down + SiLU or GELU-tanh) as one op (see
+            :mod:`fastlora.blocks`). The layers stay per-projection ``LoraLinear`` modules either way
+            (same parameters, same saved adapter); ``False`` runs every layer on its own.
         **method_kwargs: passed to the init method (e.g. ``data=``, ``iters=`` for LoRA-GA).
 
     Returns:
@@ -204,6 +210,8 @@ def patch(
         unpatch(model)
         _restore_requires_grad(requires_grad)  # a failed patch leaves the model as it was
         raise
+    if fuse_blocks:
+        blocks.fuse_blocks(model)
     return model
 
 
@@ -293,6 +301,7 @@ def unpatch(model: nn.Module, merge: bool = False, *, dequantize: bool = False) 
         quant = [n for n, layer in layers.items() if layer.is_quantized]
         if quant:  # check all first: a refused merge must not leave the model half unpatched
             _merged_base(layers[quant[0]], dequantize=False)
+    blocks.unfuse_blocks(model)
     dtype = _float_param_dtype(model) if merge and dequantize else None
     for name, layer in layers.items():
         if not merge and layer.offset_in_base:

@@ -1,0 +1,499 @@
+"""Grouped LoRA ops: several projections that read one input as one autograd op, and the gated MLP.
+
+Grouped projections (q/k/v; gate/up) with base weights ``W_i [N_i, K]``, LoRA factors ``A_i [r_i, K]``,
+``B_i [N_i, r_i]`` and scalings ``s_i`` -- one call computes every output::
+
+    y = x·[W_1; …; W_n]ᵀ (+ bias)                  one GEMM (each 4-bit W_i dequantised into one scratch)
+    xa = x·[A_1; …; A_n]ᵀ                          one GEMM (per member under dropout: own mask each)
+    y[:, cols_i] += xa[:, rows_i]·(s_i·B_i)ᵀ       one small GEMM per member, in place
+
+and the backward, from ``dY [M, N]``::
+
+    g_i = dY_i·(s_i·B_i)    d(s_i·B_i) = dY_iᵀ·xa_i    d[A] = gᵀ·x    dX = dY·[W]  + g·[A]
+
+LoRA-GA's frozen term of a member is two more rows of ``A`` and columns of ``B``: ``[A; A0]`` and
+``[B, −B0]``, so ``W0 + s·(B·A − B0·A0)`` costs nothing extra. Saved for backward: x and xa only; a
+4-bit W is dequantised again in backward, a dropout mask regenerated from its seed.
+
+The gated MLP ``down(act(gate(x)) · up(x))`` (act = SiLU or GELU-tanh) is one op on top of these:
+it saves x, the two pre-activations ``[e | u]`` and the small LoRA activations, and recomputes
+``h = act(e)·u`` in backward (one elementwise kernel that also yields de and du), instead of keeping
+``act(e)``, ``h`` and the LoRA inputs of ``down`` alive as a per-layer model does.
+
+Everything is ``torch`` and cuBLAS except two elementwise Triton kernels (the activation forward and
+backward) used on CUDA; on the CPU the same math runs in torch. The ops are eager: under
+``torch.compile`` :mod:`fastlora.blocks` routes each projection through its own
+:class:`~fastlora.LoraLinear` (whose op is a registered custom op) instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ._dist import is_dtensor
+from .layer import LoraLinear
+from .ops.reference import BaseWeight, base_weight_dense, dropout_mask
+from .quant import QuantizedWeight
+
+__all__ = ["ACTIVATIONS", "GroupCall", "activation_kind", "gated_mlp", "grouped_linear", "member_call"]
+
+# Activations of gated MLPs the fused op implements (names as in transformers' ACT2FN).
+ACTIVATIONS = ("silu", "gelu_tanh")
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+# ------------------------------------------------------------------------------------------------
+# per-call bundle of the members' state
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GroupCall:
+    """What one call of a grouped op needs besides the differentiable tensors (built per call).
+
+    Attributes:
+        bases: each member's W0 (dense, or a 4-bit :class:`QuantizedWeight`).
+        bias: the members' biases concatenated (zeros for a member without one), or None.
+        ncols: ``(start, stop)`` of each member's columns in the output.
+        nrows: ``(start, stop)`` of each member's rows in the concatenated A (its rank, doubled with a
+            frozen LoRA-GA term).
+        dropout: each member's dropout probability in force (0 in eval mode).
+        seeds: each member's dropout seed (ints; unused where the probability is 0).
+        in_features: K.
+    """
+
+    bases: tuple[BaseWeight, ...]
+    bias: torch.Tensor | None
+    ncols: tuple[tuple[int, int], ...]
+    nrows: tuple[tuple[int, int], ...]
+    dropout: tuple[float, ...]
+    seeds: tuple[int, ...]
+    in_features: int
+
+    @property
+    def out_features(self) -> int:
+        return self.ncols[-1][1]
+
+    @property
+    def rank(self) -> int:
+        """R: rows of the concatenated A."""
+        return self.nrows[-1][1]
+
+    @property
+    def any_dropout(self) -> bool:
+        return any(p > 0.0 for p in self.dropout)
+
+
+def _seed(device: torch.device) -> int:
+    # Drawn from torch's RNG exactly as LoraLinear draws its own (same generator, same order of
+    # members), so a grouped model and a per-layer model seeded alike drop the same elements on the
+    # CPU. On CUDA the seed comes from the CPU generator: read on the host without a sync.
+    gen_device = device if device.type == "cpu" else torch.device("cpu")
+    return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=gen_device))
+
+
+def member_call(
+    members: Sequence[LoraLinear], dtype: torch.dtype, device: torch.device
+) -> tuple[GroupCall, torch.Tensor, list[torch.Tensor]]:
+    """``(call, A_cat, [s_i·B_i])`` for ``members`` in compute ``dtype``: A and B stay differentiable
+    views of each member's parameters (the cast and concatenation are autograd ops), so gradients
+    reach every member's own ``lora_A`` and ``lora_B``."""
+    a_list, b_list, biases, ncols, nrows, ps, seeds, bases = [], [], [], [], [], [], [], []
+    n0 = r0 = 0
+    for m in members:
+        A, B = m.lora_A, m.lora_B
+        if m.lora_A0 is not None and not m.offset_in_base:
+            A = torch.cat([A, m.lora_A0.to(A.dtype)], dim=0)
+            B = torch.cat([B, -m.lora_B0.to(B.dtype)], dim=1)
+        a_list.append(A)
+        b_list.append((B * m.scaling).to(dtype))
+        base = m.base_weight()
+        bases.append(base.to(dtype) if isinstance(base, torch.Tensor) else base)
+        biases.append(m.base_layer.bias)
+        ncols.append((n0, n0 + m.out_features))
+        nrows.append((r0, r0 + A.shape[0]))
+        n0, r0 = n0 + m.out_features, r0 + A.shape[0]
+        p = m.dropout if m.training else 0.0
+        ps.append(p)
+        seeds.append(_seed(device) if p > 0.0 else 0)
+    a_cat = (torch.cat(a_list, dim=0) if len(a_list) > 1 else a_list[0]).to(dtype)
+    bias = None
+    if any(b is not None for b in biases):
+        bias = torch.cat(
+            [
+                (b if b is not None else torch.zeros(m.out_features, device=device)).to(dtype)
+                for b, m in zip(biases, members)
+            ]
+        )
+    call = GroupCall(tuple(bases), bias, tuple(ncols), tuple(nrows), tuple(ps), tuple(seeds), members[0].in_features)
+    return call, a_cat, b_list
+
+
+# ------------------------------------------------------------------------------------------------
+# base weights
+# ------------------------------------------------------------------------------------------------
+def _dequant_kernel():
+    """The Triton NF4/FP4 dequantisation kernel (``fastlora.kernels.dequant_4bit``), or None."""
+    try:
+        from .kernels import dequant_4bit
+    except ImportError:
+        return None
+    return dequant_4bit
+
+
+def _use_kernel(device: torch.device) -> bool:
+    """Dequantise with the Triton kernel? (on CUDA; the CPU uses :func:`fastlora.quant.dequantize`)"""
+    return device.type == "cuda"
+
+
+def _fill(base: BaseWeight, out: torch.Tensor) -> None:
+    """W0 ``[n, K]`` into the first ``K`` columns of ``out`` (``[n, ≥K]``, unit column stride)."""
+    k = base.shape[1]
+    if isinstance(base, QuantizedWeight) and _use_kernel(out.device):
+        kernel = _dequant_kernel()
+        if kernel is not None:
+            packed = base.packed if base.packed.dtype == torch.uint8 else base.packed.view(torch.uint8)
+            kernel(
+                packed.reshape(-1), base.absmax, base.quant_type, tuple(base.shape), base.blocksize, out.dtype,
+                absmax2=base.absmax2, code2=base.code2, blocksize2=base.blocksize2,
+                offset=base.offset.reshape(1).float() if base.nested else None, out=out,
+            )  # fmt: skip
+            return
+    out[:, :k].copy_(base_weight_dense(base, out.dtype))
+
+
+def _round8(v: int) -> int:
+    return (v + 7) // 8 * 8
+
+
+def _single_dense(call: GroupCall) -> bool:
+    return len(call.bases) == 1 and isinstance(call.bases[0], torch.Tensor)
+
+
+def scratch_weight(call: GroupCall, bs: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device,
+                   with_b: bool) -> torch.Tensor:  # fmt: skip
+    """The members' W0 stacked in one scratch ``[N, K]`` (4-bit weights dequantised into it), or with
+    ``with_b`` ``[N, K + R']``: ``[W0 | blockdiag(s_i·B_i) | 0]`` (R' pads the width to a multiple of 8),
+    the layout in which one GEMM yields both a base product and the LoRA term. From torch's caching
+    allocator: the same block is reused call after call."""
+    k, n = call.in_features, call.out_features
+    width = _round8(k + call.rank) if with_b else k
+    w = torch.empty((n, width), dtype=dtype, device=device)
+    for base, (n0, n1) in zip(call.bases, call.ncols):
+        _fill(base, w[n0:n1])
+    if with_b:
+        w[:, k:].zero_()
+        for (n0, n1), (r0, r1), b in zip(call.ncols, call.nrows, bs):
+            w[n0:n1, k + r0 : k + r1].copy_(b)
+    return w
+
+
+# ------------------------------------------------------------------------------------------------
+# the grouped projection (plain functions on 2-D tensors; autograd below)
+# ------------------------------------------------------------------------------------------------
+def _drop(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    return (x * dropout_mask(x.shape, p, seed, x.device)).to(x.dtype)
+
+
+def _forward(x, call: GroupCall, a_cat, bs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y [M, N], xa [M, R], x to save)``.
+
+    Where x is narrower than the output (q/k/v, gate/up) the LoRA term rides in the base GEMM:
+    ``y = [x | xa | 0]·[W0 | blockdiag(s·B) | 0]ᵀ`` -- a copy of x instead of a read and write of y
+    per member; the concatenated activation is what backward keeps (x is a view of it), so it costs no
+    memory beyond x and xa. Otherwise y = x·W0ᵀ and each member's term is added in place.
+    """
+    m, k = x.shape
+    if call.any_dropout:
+        xa = torch.cat(
+            [
+                (_drop(x, p, s) if p > 0.0 else x) @ a_cat[r0:r1].t()
+                for (r0, r1), p, s in zip(call.nrows, call.dropout, call.seeds)
+            ],
+            dim=1,
+        )
+    else:
+        xa = torch.mm(x, a_cat.t())
+    if not _single_dense(call) and k < call.out_features:
+        w = scratch_weight(call, bs, x.dtype, x.device, with_b=True)
+        r = call.rank
+        xcat = torch.empty((m, w.shape[1]), dtype=x.dtype, device=x.device)
+        xcat[:, :k].copy_(x)
+        xcat[:, k : k + r].copy_(xa)
+        xcat[:, k + r :].zero_()
+        y = torch.addmm(call.bias, xcat, w.t()) if call.bias is not None else torch.mm(xcat, w.t())
+        return y, xa, xcat[:, :k]
+    w = call.bases[0] if _single_dense(call) else scratch_weight(call, bs, x.dtype, x.device, with_b=False)
+    y = torch.addmm(call.bias, x, w.t()) if call.bias is not None else torch.mm(x, w.t())
+    del w
+    if len(bs) == 1:
+        y.addmm_(xa, bs[0].t())
+    else:
+        for (n0, n1), (r0, r1), b in zip(call.ncols, call.nrows, bs):
+            y[:, n0:n1].addmm_(xa[:, r0:r1], b.t())
+    return y, xa, x
+
+
+def _backward(dy, x, xa, call: GroupCall, a_cat, bs, need_dx: bool, need_a: bool, need_b: Sequence[bool]):
+    """``(dx, d a_cat, [d bs_i], g)`` (None where not needed; ``g = [dY_i·(s_i·B_i)]``) for 2-D ``dy``.
+
+    ``x`` may be None when ``need_a`` is False. With a materialised W0 scratch, dX's base product and g
+    come from one GEMM over dY: ``dY·[W0 | blockdiag(s·B)]``.
+    """
+    k = call.in_features
+    cols = [slice(n0, n1) for n0, n1 in call.ncols]
+    rows = [slice(r0, r1) for r0, r1 in call.nrows]
+    dx = None
+    if need_dx and not _single_dense(call):
+        w = scratch_weight(call, bs, dy.dtype, dy.device, with_b=True)
+        out = torch.mm(dy, w)
+        del w
+        # g is copied out (small): dx's in-place update below must not overlap the memory it reads.
+        dx, g = out[:, :k], out[:, k : k + call.rank].contiguous()
+    else:
+        g = torch.cat([torch.mm(dy[:, c], b) for c, b in zip(cols, bs)], dim=1) if len(bs) > 1 else dy @ bs[0]
+        if need_dx:
+            dx = torch.mm(dy, call.bases[0])
+    dbs = [torch.mm(dy[:, c].t(), xa[:, r]) if nb else None for c, r, nb in zip(cols, rows, need_b)]
+    da = None
+    if need_a:
+        if call.any_dropout:
+            da = torch.cat(
+                [g[:, r].t() @ (_drop(x, p, s) if p > 0.0 else x) for r, p, s in zip(rows, call.dropout, call.seeds)]
+            )
+        else:
+            da = torch.mm(g.t(), x)
+    if need_dx:
+        if call.any_dropout:
+            for r, p, s in zip(rows, call.dropout, call.seeds):
+                lora = g[:, r] @ a_cat[r]
+                dx.add_(lora * dropout_mask(dx.shape, p, s, dx.device) if p > 0.0 else lora)
+        else:
+            dx.addmm_(g, a_cat)
+    return dx, da, dbs, g
+
+
+class _Grouped(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, call, a_cat, *bs):
+        with torch.autocast(x.device.type, enabled=False):
+            y, xa, x_saved = _forward(x, call, a_cat, bs)
+        ctx.save_for_backward(x_saved, xa, a_cat, *bs)
+        ctx.call = call
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, xa, a_cat, *bs = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with torch.autocast(dy.device.type, enabled=False):
+            dx, da, dbs, _ = _backward(
+                dy.contiguous(), x, xa, ctx.call, a_cat, bs, needs[0], needs[2], [bool(n) for n in needs[3:]]
+            )
+        return dx, None, da, *dbs
+
+
+def grouped_linear(x: torch.Tensor, members: Sequence[LoraLinear]) -> list[torch.Tensor]:
+    """Every member's output for one input ``x``, as one autograd op.
+
+    Equal to ``[m(x) for m in members]`` (same dtype rules as :class:`~fastlora.LoraLinear`).
+    """
+    dtype = members[0]._compute_dtype(x)
+    k = x.shape[-1]
+    call, a_cat, bs = member_call(members, dtype, x.device)
+    y = _Grouped.apply(x.reshape(-1, k).to(dtype), call, a_cat, *bs)
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    # Each output gets its own storage (one copy, ~1 % of the op's time): as column views of y, the one
+    # an attention keeps for backward (v) would keep all of y alive, q and k included.
+    return [t.contiguous() for t in y.split([n1 - n0 for n0, n1 in call.ncols], dim=-1)]
+
+
+# ------------------------------------------------------------------------------------------------
+# activations: h = act(e)·u and its backward
+# ------------------------------------------------------------------------------------------------
+def activation_kind(act: object) -> str | None:
+    """``"silu"`` or ``"gelu_tanh"`` when the callable ``act`` computes that function (checked on a
+    probe, so any module or function equal to it qualifies), else None."""
+    if not callable(act):
+        return None
+    t = torch.linspace(-6.0, 6.0, 97, dtype=torch.float32)
+    try:
+        with torch.no_grad():
+            out = act(t)
+    except Exception:
+        return None
+    if not isinstance(out, torch.Tensor) or out.shape != t.shape:
+        return None
+    for kind in ACTIVATIONS:
+        if torch.allclose(out.float(), _act_torch(t, kind)[0], rtol=1e-5, atol=1e-6):
+            return kind
+    return None
+
+
+def _act_torch(e: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(act(e), act'(e))`` in fp32."""
+    e = e.float()
+    if kind == "silu":
+        sig = torch.sigmoid(e)
+        return e * sig, sig * (1.0 + e * (1.0 - sig))
+    inner = _GELU_C * (e + 0.044715 * e * e * e)
+    t = torch.tanh(inner)
+    return 0.5 * e * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * e * e)
+
+
+try:  # the Triton kernels are optional: CPU-only installs use the torch formulas above
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _act(e, KIND: tl.constexpr):
+        """(act(e), act'(e)) in fp32: KIND 0 = SiLU, 1 = GELU-tanh (tanh written via exp)."""
+        if KIND == 0:
+            sig = 1.0 / (1.0 + tl.exp(-e))
+            a = e * sig
+            da = sig * (1.0 + e * (1.0 - sig))
+        else:
+            inner = 0.7978845608028654 * (e + 0.044715 * e * e * e)
+            t = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
+            a = 0.5 * e * (1.0 + t)
+            da = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * e * e)
+        return a, da
+
+    @triton.jit
+    def _load_eu(eu_ptr, total, F, BLOCK: tl.constexpr):
+        """This program's flat indices into [M, F] and its e, u (fp32) from the contiguous [M, 2F]."""
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < total
+        row = offs // F
+        col = offs - row * F
+        e = tl.load(eu_ptr + row * 2 * F + col, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(eu_ptr + row * 2 * F + F + col, mask=mask, other=0.0).to(tl.float32)
+        return offs, mask, row, col, e, u
+
+    @triton.jit
+    def _act_mul_fwd_kernel(eu_ptr, h_ptr, total, F, KIND: tl.constexpr, BLOCK: tl.constexpr):
+        offs, mask, _, _, e, u = _load_eu(eu_ptr, total, F, BLOCK)
+        a, _ = _act(e, KIND)
+        tl.store(h_ptr + offs, (a * u).to(h_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _act_mul_bwd_kernel(dh_ptr, eu_ptr, deu_ptr, total, F, stride_dh, KIND: tl.constexpr, BLOCK: tl.constexpr):
+        # Reads dh, e, u; writes de, du into deu and h = act(e)·u over dh (dh is not needed after).
+        # dh may be the first F columns of a wider buffer (row stride stride_dh).
+        _, mask, row, col, e, u = _load_eu(eu_ptr, total, F, BLOCK)
+        dh_offs = row * stride_dh + col
+        dh = tl.load(dh_ptr + dh_offs, mask=mask, other=0.0).to(tl.float32)
+        a, da = _act(e, KIND)
+        ty = deu_ptr.dtype.element_ty
+        tl.store(deu_ptr + row * 2 * F + col, (dh * u * da).to(ty), mask=mask)
+        tl.store(deu_ptr + row * 2 * F + F + col, (dh * a).to(ty), mask=mask)
+        tl.store(dh_ptr + dh_offs, (a * u).to(ty), mask=mask)
+
+    _TRITON = True
+except ImportError:
+    _TRITON = False
+
+_BLOCK = 1024
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return _TRITON and t.is_cuda
+
+
+def act_mul(eu: torch.Tensor, kind: str, use_triton: bool | None = None) -> torch.Tensor:
+    """``h = act(e)·u`` for ``eu = [e | u]`` ``[M, 2F]`` (contiguous), fp32 math, one rounding."""
+    m, f = eu.shape[0], eu.shape[1] // 2
+    if use_triton if use_triton is not None else _use_triton(eu):
+        h = torch.empty((m, f), dtype=eu.dtype, device=eu.device)
+        total = m * f
+        _act_mul_fwd_kernel[(triton.cdiv(total, _BLOCK),)](eu, h, total, f, KIND=ACTIVATIONS.index(kind), BLOCK=_BLOCK)
+        return h
+    a, _ = _act_torch(eu[:, :f], kind)
+    return (a * eu[:, f:].float()).to(eu.dtype)
+
+
+def act_mul_backward(
+    dh: torch.Tensor, eu: torch.Tensor, kind: str, use_triton: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h, [de | du])`` from ``dh [M, F]`` (unit column stride) and ``eu [M, 2F]`` (contiguous);
+    ``h`` is written over ``dh``."""
+    m, f = eu.shape[0], eu.shape[1] // 2
+    deu = torch.empty_like(eu)
+    if use_triton if use_triton is not None else _use_triton(eu):
+        total = m * f
+        _act_mul_bwd_kernel[(triton.cdiv(total, _BLOCK),)](
+            dh, eu, deu, total, f, dh.stride(0), KIND=ACTIVATIONS.index(kind), BLOCK=_BLOCK
+        )
+        return dh, deu
+    a, da = _act_torch(eu[:, :f], kind)
+    u = eu[:, f:].float()
+    dh32 = dh.float()
+    deu[:, :f] = dh32 * u * da
+    deu[:, f:] = dh32 * a
+    dh.copy_(a * u)
+    return dh, deu
+
+
+# ------------------------------------------------------------------------------------------------
+# the gated MLP
+# ------------------------------------------------------------------------------------------------
+class _GatedMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kind, call_gu, call_d, n_gu, a_gu, a_d, *bs):
+        bs_gu, bs_d = bs[:n_gu], bs[n_gu:]
+        with torch.autocast(x.device.type, enabled=False):
+            eu, xa_gu, x_saved = _forward(x, call_gu, a_gu, bs_gu)
+            h = act_mul(eu, kind)
+            out, ha, _ = _forward(h, call_d, a_d, bs_d)
+            del h  # recomputed in backward: only x, [e | u] and the rank-sized activations are kept
+        ctx.save_for_backward(x_saved, eu, xa_gu, ha, a_gu, a_d, *bs)
+        ctx.kind, ctx.call_gu, ctx.call_d, ctx.n_gu = kind, call_gu, call_d, n_gu
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, eu, xa_gu, ha, a_gu, a_d, *bs = ctx.saved_tensors
+        n_gu, call_d = ctx.n_gu, ctx.call_d
+        bs_gu, bs_d = bs[:n_gu], bs[n_gu:]
+        needs = ctx.needs_input_grad
+        need_b = [bool(n) for n in needs[7:]]
+        with torch.autocast(dout.device.type, enabled=False):
+            # down: dh (and g = dout·s·B) first; h = act(e)·u is recomputed by the activation
+            # backward, which writes it over dh, then gives dA of down.
+            dh, _, dbs_d, g = _backward(dout.contiguous(), None, ha, call_d, a_d, bs_d, True, False, need_b[n_gu:])
+            h, deu = act_mul_backward(dh, eu, ctx.kind)
+            da_d = None
+            if needs[6]:
+                p, seed = call_d.dropout[0], call_d.seeds[0]
+                da_d = torch.mm(g.t(), _drop(h, p, seed) if p > 0.0 else h)
+            del h, dh
+            dx, da_gu, dbs_gu, _ = _backward(deu, x, xa_gu, ctx.call_gu, a_gu, bs_gu, needs[0], needs[5], need_b[:n_gu])
+        return dx, None, None, None, None, da_gu, da_d, *dbs_gu, *dbs_d
+
+
+def gated_mlp(x: torch.Tensor, gate_up: Sequence[LoraLinear], down: LoraLinear, kind: str) -> torch.Tensor:
+    """``down(act(gate(x)) · up(x))`` as one autograd op.
+
+    ``gate_up`` is ``[gate, up]`` (Llama-style) or ``[gate_up]`` (Phi-3: one projection whose first
+    half of outputs is the gate); ``kind`` is one of :data:`ACTIVATIONS`.
+    """
+    dtype = gate_up[0]._compute_dtype(x)
+    k = x.shape[-1]
+    call_gu, a_gu, bs_gu = member_call(gate_up, dtype, x.device)
+    call_d, a_d, bs_d = member_call([down], dtype, x.device)
+    out = _GatedMLP.apply(x.reshape(-1, k).to(dtype), kind, call_gu, call_d, len(bs_gu), a_gu, a_d, *bs_gu, *bs_d)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def grouping_blocker(members: Sequence[LoraLinear]) -> str | None:
+    """Why these members cannot run grouped right now (None when they can): FSDP2-sharded weights
+    outside the model's forward, or a trainable bias (the grouped op has no bias gradient)."""
+    for m in members:
+        if is_dtensor(m.base_layer.weight) or is_dtensor(m.lora_A):
+            return f"{m.name}: sharded weights (FSDP2 outside a gathered forward)"
+        bias = m.base_layer.bias
+        if bias is not None and bias.requires_grad:
+            return f"{m.name}: a trainable bias"
+    return None

@@ -199,7 +199,14 @@ def test_half_precision_base_keeps_the_offset_exact():
     model = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=data, progress=False)
     assert all(not la.offset_in_base and la.lora_A0 is not None for la in fastlora.lora_layers(model).values())
     ref = logits(base, ids).double()
-    assert float((logits(model, ids).double() - ref).norm() / ref.norm()) < 1e-6
+    # The fused gated MLP rounds act(gate)·up to bf16 once where the model's own MLP rounds twice, so
+    # the init is compared with a zero LoRA through the same fused blocks; per layer, with the base.
+    zero = fastlora.patch(copy.deepcopy(base), method="lora", r=4, alpha=8)
+    assert torch.equal(logits(model, ids), logits(zero, ids))
+    per_layer = fastlora.patch(
+        copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=data, progress=False, fuse_blocks=False
+    )
+    assert torch.equal(logits(per_layer, ids).double(), ref)
     in_place = fastlora.patch(
         copy.deepcopy(base), method="lora_ga", r=4, alpha=8, data=data, offset="base", progress=False
     )  # what "auto" did before: measurably off

@@ -36,7 +36,8 @@ import torch
 
 from ._dist import is_dtensor
 from .layer import LoraLinear
-from .ops.reference import BaseWeight, base_weight_dense, dropout_mask
+from .ops import triton_available
+from .ops.reference import BaseWeight, apply_dropout, base_weight_dense, dropout_mask
 from .quant import QuantizedWeight
 
 __all__ = ["ACTIVATIONS", "GroupCall", "activation_kind", "gated_mlp", "grouped_linear", "member_call"]
@@ -134,34 +135,21 @@ def member_call(
 # ------------------------------------------------------------------------------------------------
 # base weights
 # ------------------------------------------------------------------------------------------------
-def _dequant_kernel():
-    """The Triton NF4/FP4 dequantisation kernel (``fastlora.kernels.dequant_4bit``), or None."""
-    try:
-        from .kernels import dequant_4bit
-    except ImportError:
-        return None
-    return dequant_4bit
-
-
 def _use_kernel(device: torch.device) -> bool:
     """Dequantise with the Triton kernel? (on CUDA; the CPU uses :func:`fastlora.quant.dequantize`)"""
     return device.type == "cuda"
 
 
 def _fill(base: BaseWeight, out: torch.Tensor) -> None:
-    """W0 ``[n, K]`` into the first ``K`` columns of ``out`` (``[n, ≥K]``, unit column stride)."""
-    k = base.shape[1]
-    if isinstance(base, QuantizedWeight) and _use_kernel(out.device):
-        kernel = _dequant_kernel()
-        if kernel is not None:
-            packed = base.packed if base.packed.dtype == torch.uint8 else base.packed.view(torch.uint8)
-            kernel(
-                packed.reshape(-1), base.absmax, base.quant_type, tuple(base.shape), base.blocksize, out.dtype,
-                absmax2=base.absmax2, code2=base.code2, blocksize2=base.blocksize2,
-                offset=base.offset.reshape(1).float() if base.nested else None, out=out,
-            )  # fmt: skip
-            return
-    out[:, :k].copy_(base_weight_dense(base, out.dtype))
+    """W0 ``[n, K]`` into the first ``K`` columns of ``out`` (``[n, ≥K]``, unit column stride): a 4-bit
+    W0 on CUDA by the single-layer op's Triton dequantisation, else by :func:`base_weight_dense`."""
+    if isinstance(base, QuantizedWeight) and _use_kernel(out.device) and triton_available():
+        from .kernels import dequant_packed  # importable: triton_available() imported the fused op
+        from .ops.fused import packed_weight
+
+        dequant_packed(packed_weight(base), out.dtype, out)
+        return
+    out[:, : base.shape[1]].copy_(base_weight_dense(base, out.dtype))
 
 
 def _round8(v: int) -> int:
@@ -193,10 +181,6 @@ def scratch_weight(call: GroupCall, bs: Sequence[torch.Tensor], dtype: torch.dty
 # ------------------------------------------------------------------------------------------------
 # the grouped projection (plain functions on 2-D tensors; autograd below)
 # ------------------------------------------------------------------------------------------------
-def _drop(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    return (x * dropout_mask(x.shape, p, seed, x.device)).to(x.dtype)
-
-
 def _forward(x, call: GroupCall, a_cat, bs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y [M, N], xa [M, R], x to save)``.
 
@@ -208,10 +192,7 @@ def _forward(x, call: GroupCall, a_cat, bs) -> tuple[torch.Tensor, torch.Tensor,
     m, k = x.shape
     if call.any_dropout:
         xa = torch.cat(
-            [
-                (_drop(x, p, s) if p > 0.0 else x) @ a_cat[r0:r1].t()
-                for (r0, r1), p, s in zip(call.nrows, call.dropout, call.seeds)
-            ],
+            [apply_dropout(x, p, s) @ a_cat[r0:r1].t() for (r0, r1), p, s in zip(call.nrows, call.dropout, call.seeds)],
             dim=1,
         )
     else:
@@ -260,9 +241,7 @@ def _backward(dy, x, xa, call: GroupCall, a_cat, bs, need_dx: bool, need_a: bool
     da = None
     if need_a:
         if call.any_dropout:
-            da = torch.cat(
-                [g[:, r].t() @ (_drop(x, p, s) if p > 0.0 else x) for r, p, s in zip(rows, call.dropout, call.seeds)]
-            )
+            da = torch.cat([g[:, r].t() @ apply_dropout(x, p, s) for r, p, s in zip(rows, call.dropout, call.seeds)])
         else:
             da = torch.mm(g.t(), x)
     if need_dx:
@@ -467,7 +446,7 @@ class _GatedMLP(torch.autograd.Function):
             da_d = None
             if needs[6]:
                 p, seed = call_d.dropout[0], call_d.seeds[0]
-                da_d = torch.mm(g.t(), _drop(h, p, seed) if p > 0.0 else h)
+                da_d = torch.mm(g.t(), apply_dropout(h, p, seed))
             del h, dh
             dx, da_gu, dbs_gu, _ = _backward(deu, x, xa_gu, ctx.call_gu, a_gu, bs_gu, needs[0], needs[5], need_b[:n_gu])
         return dx, None, None, None, None, da_gu, da_d, *dbs_gu, *dbs_d

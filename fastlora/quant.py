@@ -35,6 +35,7 @@ __all__ = [
     "dequantize_absmax",
     "from_bnb",
     "is_bnb_4bit",
+    "packed_bytes",
     "quantize_4bit",
     "set_quant_storage",
 ]
@@ -168,9 +169,7 @@ def dequantize(w: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Te
         dtype: output dtype (default ``w.dtype``). Values are formed in fp32 and rounded once.
     """
     n_el = w.shape[0] * w.shape[1]
-    packed = w.packed.reshape(-1)
-    if packed.dtype != torch.uint8:
-        packed = packed.view(torch.uint8)
+    packed = packed_bytes(w.packed)
     codes = torch.stack(((packed >> 4) & 0xF, packed & 0xF), dim=1).reshape(-1)[:n_el].long()
     absmax = dequantize_absmax(w)
     scale = absmax.repeat_interleave(w.blocksize)[:n_el]
@@ -284,7 +283,7 @@ def from_bnb(module: torch.nn.Module) -> QuantizedWeight:
         weight = module.weight
         qs = weight.quant_state
     shape = (int(qs.shape[0]), int(qs.shape[1]))
-    packed = _packed_bytes(weight.data)
+    packed = packed_bytes(weight.data)
     if packed.numel() != (shape[0] * shape[1] + 1) // 2:
         raise RuntimeError(
             f"fastlora: the packed 4-bit weight of a {shape[0]}x{shape[1]} bitsandbytes Linear4bit holds "
@@ -313,7 +312,7 @@ def from_bnb(module: torch.nn.Module) -> QuantizedWeight:
     )
 
 
-def _packed_bytes(data: torch.Tensor) -> torch.Tensor:
+def packed_bytes(data: torch.Tensor) -> torch.Tensor:
     """The bytes of a packed 4-bit weight as a flat uint8 tensor (a view, whatever the storage dtype)."""
     flat = data.reshape(-1)
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)

@@ -472,7 +472,7 @@ def test_gpu_cuda_graph_capture_of_forward_and_backward(merge):
     """Both merges capture into one CUDA graph (no host sync, no allocation outside the graph pool)
     and replay correctly on new inputs."""
     base, x, A, B = _graph_case()
-    w = fused._packed_of(base)
+    w = fused.packed_weight(base)
     x, A, B = x.detach(), A.detach(), B.detach()
     dy = torch.randn(x.shape[0], base.shape[0], device="cuda", dtype=torch.bfloat16)
 
@@ -568,7 +568,7 @@ def test_frozen_lora_backward_skips_dA_dB_and_custom_op_passes_opcheck(needs_lor
     cuBLAS calls (g, dy·W0 and the LoRA epilogue) instead of five, dx unchanged. Both ops (real, fake,
     autograd through AOT dispatch) pass ``torch.library.opcheck`` with and without the LoRA grads."""
     base = _base(72, 40, "nf4-nested", torch.float32)
-    w = fused._packed_of(base)
+    w = fused.packed_weight(base)
     x = torch.randn(6, 40, device=DEV)
     A, B = torch.randn(8, 40, device=DEV) / 8, torch.randn(72, 8, device=DEV)
     dy = torch.randn(6, 72, device=DEV)

@@ -60,7 +60,8 @@ def dropout_mask(shape: torch.Size, p: float, seed: torch.Tensor | int, device: 
     return keep.to(torch.float32) / (1.0 - p)
 
 
-def _drop(x: torch.Tensor, p: float, seed: torch.Tensor | int) -> torch.Tensor:
+def apply_dropout(x: torch.Tensor, p: float, seed: torch.Tensor | int) -> torch.Tensor:
+    """``x`` times :func:`dropout_mask` (``x`` itself when ``p`` is 0), in x's dtype."""
     if p == 0.0:
         return x
     return (x * dropout_mask(x.shape, p, seed, x.device)).to(x.dtype)
@@ -72,7 +73,7 @@ class LoraLinearReference(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # grads come back cast by autograd
         w0 = base_weight_dense(base, x.dtype)
-        xa = _drop(x2, dropout_p, seed) @ lora_A.t()  # [M, r]
+        xa = apply_dropout(x2, dropout_p, seed) @ lora_A.t()  # [M, r]
         y = torch.addmm(bias, x2, w0.t()) if bias is not None else x2 @ w0.t()
         y = y + scaling * (xa @ lora_B.t())
         ctx.save_for_backward(x2, xa, lora_A, lora_B)
@@ -93,7 +94,7 @@ class LoraLinearReference(torch.autograd.Function):
                 lora_dx = lora_dx * dropout_mask(x2.shape, p, ctx.seed, x2.device)
             dx = (dx + lora_dx).reshape(*dy.shape[:-1], x2.shape[-1])
         if ctx.needs_input_grad[3]:
-            da = (g.t() @ _drop(x2, p, ctx.seed)) * s
+            da = (g.t() @ apply_dropout(x2, p, ctx.seed)) * s
         if ctx.needs_input_grad[4]:
             db = (dy2.t() @ xa) * s
         if ctx.needs_input_grad[2]:

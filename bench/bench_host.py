@@ -95,6 +95,16 @@ def _layers(base: str, m: int, p: float, peer: str | None, compiled: bool = Fals
         "peft": run(peft_model, [pa, pb]),
         "floor": lambda: (torch.mm(x2, w.t()), torch.mm(dy2, w)),
     }
+    if p == 0.0:  # the op alone (no LoraLinear module), with each way of merging the forward's LoRA term
+        from fastlora.ops.fused import MERGES, lora_linear_fused
+
+        for merge in MERGES:
+            arms[f"op-{merge}"] = run(
+                lambda x, merge=merge: lora_linear_fused(
+                    x, fl.base_weight(), fl.lora_A, fl.lora_B, fl.scaling, merge=merge
+                ),
+                [fl.lora_A, fl.lora_B],
+            )
     if compiled and p == 0.0:  # Inductor's CUDA graphs of the same layer
         arms["fl-compiled"] = run(torch.compile(fl, mode="reduce-overhead"), [fl.lora_A, fl.lora_B])
     if peer:
@@ -210,7 +220,11 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    names = [a for a in ("fastlora", "fl-compiled", "peft", "unsloth", "floor") if any(r["arm"] == a for r in rows)]
+    names = [
+        a
+        for a in ("fastlora", "op-auto", "op-cat", "op-addmm", "fl-compiled", "peft", "unsloth", "floor")
+        if any(r["arm"] == a for r in rows)
+    ]
     print(f"\n{'base':5s} {'p':>4s} {'M':>6s} | " + " | ".join(f"{a:>22s}" for a in names))
     print(f"{'':5s} {'':>4s} {'':>6s} | " + " | ".join(f"{'host us gpu us kern':>22s}" for _ in names))
     for base in args.bases:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import itertools
 import json
 import statistics
 import sys
@@ -242,6 +243,23 @@ def step_fn(model, opt, losses: list[float], keep: int):
     return step
 
 
+def profile_step(step, batch, path: Path) -> None:
+    """One step under ``torch.profiler`` (CPU + CUDA): the ops by self CPU time and the CUDA kernel count
+    (where the host time of an eager step goes), written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if batch.is_cuda else [])
+    with profile(activities=acts) as prof:
+        step(batch)
+        if batch.is_cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=70)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"CUDA kernels in one step: {kernels}\n{table}\n")
+
+
 def run_arm(label, build, batches, args, checkpointing: bool = False, compile_model: bool = False) -> dict:
     gc.collect()
     if torch.cuda.is_available():
@@ -270,6 +288,8 @@ def run_arm(label, build, batches, args, checkpointing: bool = False, compile_mo
             with Timer(cuda) as t:
                 step(batches[(args.warmup + i) % len(batches)])
             times.append(t.seconds)
+        if args.profile is not None:
+            profile_step(step, batches[0], args.profile / f"profile_{label}{'_ckpt' if checkpointing else ''}.txt")
     except Exception as exc:  # report a failing arm (e.g. a compile error) and keep the others
         traceback.print_exc()
         return {"arm": label, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
@@ -317,12 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=3, help="first steps, untimed; their losses are compared")
     p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=1, help="run the arms this many times, interleaved; report medians")
     p.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=ARMS)
     p.add_argument("--checkpointing", action="store_true", help="also run every arm with gradient checkpointing")
     p.add_argument("--no-compile", action="store_true", help="drop the -compile arms from --arms")
     p.add_argument("--peer", type=Path, default=Path(__file__).resolve().parents[1] / ".peer",
                    help="folder holding unsloth/kernels (../shared/tools/unsloth-peer.sh)")  # fmt: skip
     p.add_argument("--budget-s", type=float, default=None, help="skip the remaining arms after this many seconds")
+    p.add_argument("--profile", type=Path, default=None, help="write a torch.profiler table of one step per arm here")
     p.add_argument("--json", type=Path, default=Path("train_step.json"))
     p.add_argument("--tiny", action="store_true", help="small models on the CPU: checks the script, not speed")
     p.add_argument("--report", type=Path, nargs="+", default=None,
@@ -372,21 +394,37 @@ def main(argv: list[str] | None = None) -> int:
         for shape in shapes:
             bsz, seq = (int(v) for v in shape.split("x"))
             batches = [t["input_ids"] for t in token_batches(4, bsz, seq, cfg.vocab_size, seed=1, device=device)]
-            for ckpt in [False] + ([True] if args.checkpointing else []):
-                for label in arms:
-                    if label not in builders:
-                        continue
+            for ckpt, rnd, label in itertools.product(
+                [False] + ([True] if args.checkpointing else []), range(args.rounds), arms
+            ):
+                if label in builders:
                     if args.budget_s and time.perf_counter() - start > args.budget_s:
                         r = {"arm": label, "error": f"skipped: --budget-s {args.budget_s:g} s spent"}
                     else:
                         r = run_arm(label, builders[label], batches, args, ckpt, label.endswith("-compile"))
-                    r.update(model=name, shape=shape, layers=cfg.num_hidden_layers, checkpointing=ckpt)
+                    r.update(model=name, shape=shape, layers=cfg.num_hidden_layers, checkpointing=ckpt, round=rnd)
                     results["runs"].append(r)
                     print(json.dumps(r), flush=True)
                     args.json.write_text(json.dumps(results, indent=1))  # a run cut short keeps its arms
         del base_nf4, base_bf16, builders
     args.json.write_text(json.dumps(results, indent=1))
     return print_table(results, args)
+
+
+def merge_rounds(rows: list[dict]) -> list[dict]:
+    """One row per arm: with ``--rounds`` the median tok/s over the rounds (the arms' rounds interleave,
+    so a slow spell of this shared host touches every arm alike), the largest peak, and the spread."""
+    out = []
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        runs = [r for r in rows if r["arm"] == arm and "error" not in r]
+        if not runs:
+            out.append(next(r for r in rows if r["arm"] == arm))
+            continue
+        tps = sorted(r["tokens_per_s"] for r in runs)
+        merged = dict(runs[0], tokens_per_s=statistics.median(tps), tps_rounds=tps)
+        merged.update(peak_gib=max(r["peak_gib"] for r in runs), peak_act_gib=max(r["peak_act_gib"] for r in runs))
+        out.append(merged)
+    return out
 
 
 def print_table(results: dict, args) -> int:
@@ -399,7 +437,9 @@ def print_table(results: dict, args) -> int:
         if key not in keys:
             keys.append(key)
     for key in keys:
-        rows = [r for r in results["runs"] if (r["model"], r["shape"], r.get("checkpointing", False)) == key]
+        rows = merge_rounds(
+            [r for r in results["runs"] if (r["model"], r["shape"], r.get("checkpointing", False)) == key]
+        )
         ref = next((r for r in rows if r["arm"] == "peft-bnb-nf4" and "error" not in r), None)
         for r in rows:
             pre = f"{key[0]:5s} {key[1]:7s} {key[2]!s:5s} {r['arm']:22s}"
@@ -414,9 +454,12 @@ def print_table(results: dict, args) -> int:
             if ref:
                 d = max((abs(a - b) for a, b in zip(r["first_losses"], ref["first_losses"])), default=float("nan"))
                 losses += f" ({d:.1e})"
+            spread = (
+                f"  rounds {min(r['tps_rounds']):.0f}-{max(r['tps_rounds']):.0f}" if len(r["tps_rounds"]) > 1 else ""
+            )
             print(
                 f"{pre} {r['tokens_per_s']:9.0f} {r['peak_gib']:9.2f} {r['peak_act_gib']:8.2f}"
-                f" {ratio('tokens_per_s'):8.2f} {ratio('peak_gib'):7.2f} {ratio('peak_act_gib'):6.2f}  {losses}"
+                f" {ratio('tokens_per_s'):8.2f} {ratio('peak_gib'):7.2f} {ratio('peak_act_gib'):6.2f}  {losses}{spread}"
             )
     if not args.report:
         print(f"wrote {args.json}")

@@ -37,7 +37,7 @@ import torch
 from ._dist import is_dtensor
 from .layer import LoraLinear
 from .ops import triton_available
-from .ops.reference import BaseWeight, apply_dropout, base_weight_dense, dropout_mask
+from .ops.reference import BaseWeight, apply_dropout, autocast_off, base_weight_dense, dropout_mask
 from .quant import QuantizedWeight
 
 __all__ = ["ACTIVATIONS", "GroupCall", "activation_kind", "gated_mlp", "grouped_linear", "member_call"]
@@ -63,6 +63,10 @@ class GroupCall:
         dropout: each member's dropout probability in force (0 in eval mode).
         seeds: each member's dropout seed (ints; unused where the probability is 0).
         in_features: K.
+        scalings: each member's LoRA scaling s_i.
+        ranks: each member's trainable rank r_i (the first r_i rows of its block of A).
+        frozen: each member's frozen LoRA-GA term ``(A0, B0)``, or None.
+        views: the kernels' views of the 4-bit bases when one launch dequantises them all, else None.
     """
 
     bases: tuple[BaseWeight, ...]
@@ -72,6 +76,10 @@ class GroupCall:
     dropout: tuple[float, ...]
     seeds: tuple[int, ...]
     in_features: int
+    scalings: tuple[float, ...]
+    ranks: tuple[int, ...]
+    frozen: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]
+    views: tuple | None = None
 
     @property
     def out_features(self) -> int:
@@ -95,31 +103,27 @@ def _seed(device: torch.device) -> int:
     return int(torch.randint(0, 2**31 - 1, (1,), dtype=torch.int32, device=gen_device))
 
 
-def member_call(
-    members: Sequence[LoraLinear], dtype: torch.dtype, device: torch.device
-) -> tuple[GroupCall, torch.Tensor, list[torch.Tensor]]:
-    """``(call, A_cat, [s_i·B_i])`` for ``members`` in compute ``dtype``: A and B stay differentiable
-    views of each member's parameters (the cast and concatenation are autograd ops), so gradients
-    reach every member's own ``lora_A`` and ``lora_B``."""
-    a_list, b_list, biases, ncols, nrows, ps, seeds, bases = [], [], [], [], [], [], [], []
+def member_call(members: Sequence[LoraLinear], dtype: torch.dtype, device: torch.device) -> tuple[GroupCall, list]:
+    """``(call, [A_1, B_1, …, A_n, B_n])``: the members' state and their LoRA parameters as they are
+    (fp32 by default). The ops cast, scale and concatenate them inside (:func:`factors`), so no cast,
+    scale or concatenation node enters the autograd graph (each is host time in forward and backward,
+    per member and step); gradients reach every member's own ``lora_A`` and ``lora_B``."""
+    params, biases, ncols, nrows, ps, seeds, bases, frozen = [], [], [], [], [], [], [], []
     n0 = r0 = 0
     for m in members:
-        A, B = m.lora_A, m.lora_B
-        if m.lora_A0 is not None and not m.offset_in_base:
-            A = torch.cat([A, m.lora_A0.to(A.dtype)], dim=0)
-            B = torch.cat([B, -m.lora_B0.to(B.dtype)], dim=1)
-        a_list.append(A)
-        b_list.append((B * m.scaling).to(dtype))
+        params += [m.lora_A, m.lora_B]
+        has_frozen = m.lora_A0 is not None and not m.offset_in_base
+        frozen.append((m.lora_A0, m.lora_B0) if has_frozen else None)
+        rank = m.r * (2 if has_frozen else 1)
         base = m.base_weight()
         bases.append(base.to(dtype) if isinstance(base, torch.Tensor) else base)
         biases.append(m.base_layer.bias)
         ncols.append((n0, n0 + m.out_features))
-        nrows.append((r0, r0 + A.shape[0]))
-        n0, r0 = n0 + m.out_features, r0 + A.shape[0]
+        nrows.append((r0, r0 + rank))
+        n0, r0 = n0 + m.out_features, r0 + rank
         p = m.dropout if m.training else 0.0
         ps.append(p)
         seeds.append(_seed(device) if p > 0.0 else 0)
-    a_cat = (torch.cat(a_list, dim=0) if len(a_list) > 1 else a_list[0]).to(dtype)
     bias = None
     if any(b is not None for b in biases):
         bias = torch.cat(
@@ -128,8 +132,37 @@ def member_call(
                 for b, m in zip(biases, members)
             ]
         )
-    call = GroupCall(tuple(bases), bias, tuple(ncols), tuple(nrows), tuple(ps), tuple(seeds), members[0].in_features)
-    return call, a_cat, b_list
+    call = GroupCall(
+        tuple(bases), bias, tuple(ncols), tuple(nrows), tuple(ps), tuple(seeds), members[0].in_features,
+        tuple(float(m.scaling) for m in members), tuple(m.r for m in members), tuple(frozen),
+        _group_views(bases, device),
+    )  # fmt: skip
+    return call, params
+
+
+def factors(call: GroupCall, params: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, list]:
+    """``(A_cat [R, K], [s_i·B_i])`` in ``dtype`` from the members' parameters (no autograd): a frozen
+    LoRA-GA term adds rows ``A0`` to the member's block of A and columns ``−B0`` to its B."""
+    a_list, bs = [], []
+    for i, (s, fz) in enumerate(zip(call.scalings, call.frozen)):
+        a, b = params[2 * i].detach(), params[2 * i + 1].detach()
+        if fz is not None:
+            a = torch.cat([a, fz[0].to(a.dtype)], dim=0)
+            b = torch.cat([b, -fz[1].to(b.dtype)], dim=1)
+        a_list.append(a)
+        bs.append((b * s).to(dtype))
+    a_cat = (torch.cat(a_list, dim=0) if len(a_list) > 1 else a_list[0]).to(dtype)
+    return a_cat, bs
+
+
+def param_grads(call: GroupCall, da: torch.Tensor | None, dbs: Sequence[torch.Tensor | None], needs) -> list:
+    """``[dA_1, dB_1, …]`` (None where not needed) from the concatenated A's gradient (each member's
+    trainable rows) and the members' dB."""
+    out = []
+    for i, ((r0, _), r) in enumerate(zip(call.nrows, call.ranks)):
+        out.append(da[r0 : r0 + r] if da is not None and needs[2 * i] else None)
+        out.append(dbs[i] if needs[2 * i + 1] else None)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,6 +171,20 @@ def member_call(
 def _use_kernel(device: torch.device) -> bool:
     """Dequantise with the Triton kernel? (on CUDA; the CPU uses :func:`fastlora.quant.dequantize`)"""
     return device.type == "cuda"
+
+
+def _group_views(bases: Sequence[BaseWeight], device: torch.device) -> list | None:
+    """The kernels' views of the group's 4-bit weights when one launch can dequantise them all (CUDA,
+    2-3 weights of one quantisation), else None."""
+    if not (_use_kernel(device) and 2 <= len(bases) <= 3 and triton_available()):
+        return None
+    if not all(isinstance(b, QuantizedWeight) for b in bases):
+        return None
+    from .kernels import groupable  # importable: triton_available() imported the fused op
+    from .ops.fused import packed_weight
+
+    views = tuple(packed_weight(b) for b in bases)
+    return views if groupable(views) else None
 
 
 def _fill(base: BaseWeight, out: torch.Tensor) -> None:
@@ -169,8 +216,13 @@ def scratch_weight(call: GroupCall, bs: Sequence[torch.Tensor], dtype: torch.dty
     k, n = call.in_features, call.out_features
     width = _round8(k + call.rank) if with_b else k
     w = torch.empty((n, width), dtype=dtype, device=device)
-    for base, (n0, n1) in zip(call.bases, call.ncols):
-        _fill(base, w[n0:n1])
+    if call.views is not None:
+        from .kernels import dequant_group  # importable: _group_views found the Triton kernels
+
+        dequant_group(call.views, dtype, w)
+    else:
+        for base, (n0, n1) in zip(call.bases, call.ncols):
+            _fill(base, w[n0:n1])
     if with_b:
         w[:, k:].zero_()
         for (n0, n1), (r0, r1), b in zip(call.ncols, call.nrows, bs):
@@ -218,7 +270,8 @@ def _forward(x, call: GroupCall, a_cat, bs) -> tuple[torch.Tensor, torch.Tensor,
 
 
 def _backward(dy, x, xa, call: GroupCall, a_cat, bs, need_dx: bool, need_a: bool, need_b: Sequence[bool]):
-    """``(dx, d a_cat, [d bs_i], g)`` (None where not needed; ``g = [dY_i·(s_i·B_i)]``) for 2-D ``dy``.
+    """``(dx, d a_cat, [dB_i], g)`` (None where not needed; ``g = [dY_i·(s_i·B_i)]``) for 2-D ``dy``;
+    ``dB_i = s_i·dY_iᵀ·xa_i`` is the gradient of member i's trainable ``B`` (its first r_i columns).
 
     ``x`` may be None when ``need_a`` is False. With a materialised W0 scratch, dX's base product and g
     come from one GEMM over dY: ``dY·[W0 | blockdiag(s·B)]``.
@@ -237,7 +290,11 @@ def _backward(dy, x, xa, call: GroupCall, a_cat, bs, need_dx: bool, need_a: bool
         g = torch.cat([torch.mm(dy[:, c], b) for c, b in zip(cols, bs)], dim=1) if len(bs) > 1 else dy @ bs[0]
         if need_dx:
             dx = torch.mm(dy, call.bases[0])
-    dbs = [torch.mm(dy[:, c].t(), xa[:, r]) if nb else None for c, r, nb in zip(cols, rows, need_b)]
+    # The scaling is the GEMM's alpha (beta = 0 ignores the empty input): dB_i in one cuBLAS call.
+    dbs = [
+        torch.addmm(dy.new_empty(()), dy[:, c].t(), xa[:, r.start : r.start + ri], beta=0, alpha=s) if nb else None
+        for c, r, ri, s, nb in zip(cols, rows, call.ranks, call.scalings, need_b)
+    ]
     da = None
     if need_a:
         if call.any_dropout:
@@ -255,23 +312,28 @@ def _backward(dy, x, xa, call: GroupCall, a_cat, bs, need_dx: bool, need_a: bool
 
 
 class _Grouped(torch.autograd.Function):
+    """The grouped projection: inputs ``x [M, K]``, the call and the members' raw ``A_i, B_i``."""
+
     @staticmethod
-    def forward(ctx, x, call, a_cat, *bs):
-        with torch.autocast(x.device.type, enabled=False):
+    def forward(ctx, x, call, *params):
+        with autocast_off(x.device.type):
+            a_cat, bs = factors(call, params, x.dtype)
             y, xa, x_saved = _forward(x, call, a_cat, bs)
-        ctx.save_for_backward(x_saved, xa, a_cat, *bs)
-        ctx.call = call
+        ctx.save_for_backward(x_saved, xa)
+        ctx.call, ctx.a_cat, ctx.bs = call, a_cat, bs
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, a_cat, *bs = ctx.saved_tensors
+        x, xa = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        with torch.autocast(dy.device.type, enabled=False):
+        pneeds = needs[2:]
+        need_b = pneeds[1::2]
+        with autocast_off(dy.device.type):
             dx, da, dbs, _ = _backward(
-                dy.contiguous(), x, xa, ctx.call, a_cat, bs, needs[0], needs[2], [bool(n) for n in needs[3:]]
+                dy.contiguous(), x, xa, ctx.call, ctx.a_cat, ctx.bs, needs[0], any(pneeds[0::2]), need_b
             )
-        return dx, None, da, *dbs
+        return dx, None, *param_grads(ctx.call, da, dbs, pneeds)
 
 
 def grouped_linear(x: torch.Tensor, members: Sequence[LoraLinear]) -> list[torch.Tensor]:
@@ -281,8 +343,8 @@ def grouped_linear(x: torch.Tensor, members: Sequence[LoraLinear]) -> list[torch
     """
     dtype = members[0]._compute_dtype(x)
     k = x.shape[-1]
-    call, a_cat, bs = member_call(members, dtype, x.device)
-    y = _Grouped.apply(x.reshape(-1, k).to(dtype), call, a_cat, *bs)
+    call, params = member_call(members, dtype, x.device)
+    y = _Grouped.apply(x.reshape(-1, k).to(dtype), call, *params)
     y = y.reshape(*x.shape[:-1], y.shape[-1])
     # Each output gets its own storage (one copy, ~1 % of the op's time): as column views of y, the one
     # an attention keeps for backward (v) would keep all of y alive, q and k included.
@@ -419,37 +481,53 @@ def act_mul_backward(
 # the gated MLP
 # ------------------------------------------------------------------------------------------------
 class _GatedMLP(torch.autograd.Function):
+    """The gated MLP: inputs ``x [M, K]``, the activation, both calls and the raw ``A_i, B_i`` of the
+    gate/up members, then of down."""
+
     @staticmethod
-    def forward(ctx, x, kind, call_gu, call_d, n_gu, a_gu, a_d, *bs):
-        bs_gu, bs_d = bs[:n_gu], bs[n_gu:]
-        with torch.autocast(x.device.type, enabled=False):
+    def forward(ctx, x, kind, call_gu, call_d, *params):
+        n_gu = 2 * len(call_gu.scalings)
+        with autocast_off(x.device.type):
+            a_gu, bs_gu = factors(call_gu, params[:n_gu], x.dtype)
+            a_d, bs_d = factors(call_d, params[n_gu:], x.dtype)
             eu, xa_gu, x_saved = _forward(x, call_gu, a_gu, bs_gu)
             h = act_mul(eu, kind)
             out, ha, _ = _forward(h, call_d, a_d, bs_d)
             del h  # recomputed in backward: only x, [e | u] and the rank-sized activations are kept
-        ctx.save_for_backward(x_saved, eu, xa_gu, ha, a_gu, a_d, *bs)
-        ctx.kind, ctx.call_gu, ctx.call_d, ctx.n_gu = kind, call_gu, call_d, n_gu
+        ctx.save_for_backward(x_saved, eu, xa_gu, ha)
+        ctx.kind, ctx.call_gu, ctx.call_d = kind, call_gu, call_d
+        ctx.factors = (a_gu, bs_gu, a_d, bs_d)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, eu, xa_gu, ha, a_gu, a_d, *bs = ctx.saved_tensors
-        n_gu, call_d = ctx.n_gu, ctx.call_d
-        bs_gu, bs_d = bs[:n_gu], bs[n_gu:]
+        x, eu, xa_gu, ha = ctx.saved_tensors
+        a_gu, bs_gu, a_d, bs_d = ctx.factors
+        call_gu, call_d = ctx.call_gu, ctx.call_d
+        n_gu = 2 * len(call_gu.scalings)
         needs = ctx.needs_input_grad
-        need_b = [bool(n) for n in needs[7:]]
-        with torch.autocast(dout.device.type, enabled=False):
+        needs_gu, needs_d = needs[4 : 4 + n_gu], needs[4 + n_gu :]
+        with autocast_off(dout.device.type):
             # down: dh (and g = dout·s·B) first; h = act(e)·u is recomputed by the activation
             # backward, which writes it over dh, then gives dA of down.
-            dh, _, dbs_d, g = _backward(dout.contiguous(), None, ha, call_d, a_d, bs_d, True, False, need_b[n_gu:])
+            dh, _, dbs_d, g = _backward(dout.contiguous(), None, ha, call_d, a_d, bs_d, True, False, needs_d[1::2])
             h, deu = act_mul_backward(dh, eu, ctx.kind)
             da_d = None
-            if needs[6]:
+            if needs_d[0]:
                 p, seed = call_d.dropout[0], call_d.seeds[0]
-                da_d = torch.mm(g.t(), apply_dropout(h, p, seed))
+                da_d = torch.mm(g[:, : call_d.ranks[0]].t(), apply_dropout(h, p, seed))
             del h, dh
-            dx, da_gu, dbs_gu, _ = _backward(deu, x, xa_gu, ctx.call_gu, a_gu, bs_gu, needs[0], needs[5], need_b[:n_gu])
-        return dx, None, None, None, None, da_gu, da_d, *dbs_gu, *dbs_d
+            dx, da_gu, dbs_gu, _ = _backward(
+                deu, x, xa_gu, call_gu, a_gu, bs_gu, needs[0], any(needs_gu[0::2]), needs_gu[1::2]
+            )
+        return (
+            dx,
+            None,
+            None,
+            None,
+            *param_grads(call_gu, da_gu, dbs_gu, needs_gu),
+            *param_grads(call_d, da_d, dbs_d, needs_d),
+        )
 
 
 def gated_mlp(x: torch.Tensor, gate_up: Sequence[LoraLinear], down: LoraLinear, kind: str) -> torch.Tensor:
@@ -460,9 +538,9 @@ def gated_mlp(x: torch.Tensor, gate_up: Sequence[LoraLinear], down: LoraLinear, 
     """
     dtype = gate_up[0]._compute_dtype(x)
     k = x.shape[-1]
-    call_gu, a_gu, bs_gu = member_call(gate_up, dtype, x.device)
-    call_d, a_d, bs_d = member_call([down], dtype, x.device)
-    out = _GatedMLP.apply(x.reshape(-1, k).to(dtype), kind, call_gu, call_d, len(bs_gu), a_gu, a_d, *bs_gu, *bs_d)
+    call_gu, params_gu = member_call(gate_up, dtype, x.device)
+    call_d, params_d = member_call([down], dtype, x.device)
+    out = _GatedMLP.apply(x.reshape(-1, k).to(dtype), kind, call_gu, call_d, *params_gu, *params_d)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 

@@ -12,15 +12,17 @@ that torch.compile traces.
 """
 
 from ._common import NF4_LOOKUPS, Packed4bit, interpreting, launcher, seed_tensor
-from .dequant import dequant_4bit, dequant_packed
+from .dequant import dequant_4bit, dequant_group, dequant_packed, groupable
 from .lora_aux import dropout_keep_mask, lora_bwd_aux, lora_down, lora_up_add
 
 __all__ = [
     "NF4_LOOKUPS",
     "Packed4bit",
     "dequant_4bit",
+    "dequant_group",
     "dequant_packed",
     "dropout_keep_mask",
+    "groupable",
     "interpreting",
     "launcher",
     "lora_bwd_aux",

@@ -9,6 +9,8 @@ scalar ``offset``. Value = ``code[q] · scale`` in fp32, rounded once to the out
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -25,7 +27,7 @@ from ._common import (
     lookup_code,
 )
 
-__all__ = ["dequant_4bit", "dequant_packed"]
+__all__ = ["dequant_4bit", "dequant_group", "dequant_packed", "groupable"]
 
 # One tile config, measured on an H100/H200 (bench/bench_lookup.py): no autotuner on the launch path,
 # and a kernel Inductor can launch as is (see ``fastlora.ops.fused``).
@@ -34,7 +36,7 @@ _INTERP_BLOCK_R, _INTERP_BLOCK_K = 32, 64  # small tiles keep the interpreter fa
 
 
 @triton.jit
-def _dequant4_kernel(
+def _dequant4_tile(
     q_ptr,
     absmax_ptr,
     absmax2_ptr,
@@ -44,6 +46,8 @@ def _dequant4_kernel(
     stride_on,
     N,
     K,
+    pid_n,
+    pid_k,
     NESTED: tl.constexpr,
     EVEN_K: tl.constexpr,
     K_ALIGNED: tl.constexpr,
@@ -54,13 +58,13 @@ def _dequant4_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """``out[n, k] = code[q] * scale`` for one ``[BLOCK_R, BLOCK_K]`` tile, in fp32 rounded once to
-    out's dtype. With K even each byte is loaded once and its two nibbles interleaved (``tl.join``);
-    when the tile's rows lie inside single scale blocks (``K_ALIGNED``: ``K % BS == 0``; ``BLOCK_K <= BS``) one scale
-    per row is loaded, else one per element."""
+    """``out[n, k] = code[q] * scale`` for the ``[BLOCK_R, BLOCK_K]`` tile ``(pid_n, pid_k)``, in fp32
+    rounded once to out's dtype. With K even each byte is loaded once and its two nibbles interleaved
+    (``tl.join``); when the tile's rows lie inside single scale blocks (``K_ALIGNED``: ``K % BS == 0``;
+    ``BLOCK_K <= BS``) one scale per row is loaded, else one per element."""
     OUT = out_ptr.dtype.element_ty
-    offs_n = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
-    k0 = tl.program_id(1) * BLOCK_K
+    offs_n = pid_n * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    k0 = pid_k * BLOCK_K
     row_scale: tl.constexpr = K_ALIGNED and BLOCK_K <= BS
     if EVEN_K:
         offs_p = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # [BH] byte column inside a row
@@ -90,6 +94,45 @@ def _dequant4_kernel(
     offs_k = k0 + tl.arange(0, BLOCK_K)
     mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :], w, mask=mask)
+
+
+@triton.jit
+def _dequant4_kernel(
+    q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, stride_on, N, K,
+    NESTED: tl.constexpr, EVEN_K: tl.constexpr, K_ALIGNED: tl.constexpr, QTYPE: tl.constexpr, BS: tl.constexpr,
+    BS2: tl.constexpr, LOOKUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """One weight: program ``(i, j)`` writes tile ``(i, j)``."""
+    _dequant4_tile(
+        q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, stride_on, N, K,
+        tl.program_id(0), tl.program_id(1), NESTED, EVEN_K, K_ALIGNED, QTYPE, BS, BS2, LOOKUP, BLOCK_R, BLOCK_K,
+    )  # fmt: skip
+
+
+@triton.jit
+def _dequant4_group_kernel(
+    q0, a0, a20, c20, o0, q1, a1, a21, c21, o1, q2, a2, a22, c22, o2,
+    out_ptr, stride_on, N0, N1, N2, T0, T1, K,
+    NESTED: tl.constexpr, EVEN_K: tl.constexpr, K_ALIGNED: tl.constexpr, QTYPE: tl.constexpr, BS: tl.constexpr,
+    BS2: tl.constexpr, LOOKUP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """Up to three weights of one K stacked row-wise in ``out`` (rows ``[0, N0)``, ``[N0, N0+N1)``, …)
+    in one launch: row tiles ``[0, T0)`` belong to weight 0, ``[T0, T0+T1)`` to weight 1, the rest to 2."""
+    pid = tl.program_id(0)
+    first, second = pid < T0, pid < T0 + T1
+    n = tl.where(first, N0, tl.where(second, N1, N2))
+    row0 = tl.where(first, 0, tl.where(second, N0, N0 + N1))
+    pid_n = tl.where(first, pid, tl.where(second, pid - T0, pid - T0 - T1))
+    if first:
+        q, a, a2, c2, o = q0, a0, a20, c20, o0
+    elif second:
+        q, a, a2, c2, o = q1, a1, a21, c21, o1
+    else:
+        q, a, a2, c2, o = q2, a2, a22, c22, o2
+    _dequant4_tile(
+        q, a, a2, c2, o, out_ptr + row0.to(tl.int64) * stride_on, stride_on, n, K,
+        pid_n, tl.program_id(1), NESTED, EVEN_K, K_ALIGNED, QTYPE, BS, BS2, LOOKUP, BLOCK_R, BLOCK_K,
+    )  # fmt: skip
 
 
 def dequant_4bit(
@@ -143,6 +186,52 @@ def dequant_4bit(
         packed.reshape(-1), absmax.reshape(-1), *nest, out, out.stride(0), n, k,
         NESTED=absmax2 is not None, EVEN_K=k % 2 == 0, K_ALIGNED=k % blocksize == 0, QTYPE=QTYPES[quant_type], BS=blocksize, BS2=blocksize2 if absmax2 is not None else 256,
         LOOKUP=lookup_code(lookup), BLOCK_R=br, BLOCK_K=bk, num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+def _pointers(w: Packed4bit) -> tuple[torch.Tensor, ...]:
+    """The five tensors the kernels read for ``w`` (the nested slots repeat absmax when not nested)."""
+    packed = w.packed if w.packed.dtype == torch.uint8 else w.packed.view(torch.uint8)
+    absmax = w.absmax.reshape(-1)
+    nest = (w.absmax2, w.code2, w.offset.reshape(1)) if w.nested else (absmax, absmax, absmax)
+    return (packed.reshape(-1), absmax, *nest)
+
+
+def groupable(weights: Sequence[Packed4bit]) -> bool:
+    """Whether :func:`dequant_group` takes these weights: 1 to 3 of one K and one quantisation."""
+    keys = {(w.quant_type, w.blocksize, w.nested, w.blocksize2 if w.nested else 0, w.shape[1]) for w in weights}
+    return 1 <= len(weights) <= 3 and len(keys) == 1
+
+
+def dequant_group(weights: Sequence[Packed4bit], dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+    """Dequantise up to three 4-bit weights of one width K, stacked row-wise into ``out`` (``[ΣN_i, ≥K]``,
+    unit column stride; columns ``>= K`` untouched), in one kernel launch -- what a group of
+    projections reading one input (q/k/v, gate/up) needs, at a third of the launches of one call per
+    weight. The weights must share their quantisation (type, block sizes, nesting); values are
+    bit-identical to :func:`dequant_4bit` of each."""
+    if not groupable(weights):
+        raise ValueError(
+            f"fastlora.kernels: dequant_group takes 1 to 3 weights of one K and one quantisation, got "
+            f"{[(w.shape, w.quant_type, w.blocksize, w.nested) for w in weights]}"
+        )
+    w0 = weights[0]
+    k, bs = w0.shape[1], w0.blocksize
+    log2_exact(bs)
+    if w0.nested:
+        log2_exact(w0.blocksize2)
+    ns = [w.shape[0] for w in weights]
+    assert out.dtype == dtype and out.shape[0] >= sum(ns) and out.shape[1] >= k and out.stride(1) == 1
+    br, bk, warps = (_INTERP_BLOCK_R, _INTERP_BLOCK_K, 4) if interpreting() else (_BLOCK_R, _BLOCK_K, _WARPS)
+    tiles = [triton.cdiv(n, br) for n in ns]
+    ptrs = [_pointers(w) for w in weights]
+    ptrs += [ptrs[0]] * (3 - len(ptrs))  # unused slots: never reached (no tiles)
+    ns += [0] * (3 - len(ns))
+    tiles += [0] * (3 - len(tiles))
+    _dequant4_group_kernel[(sum(tiles), triton.cdiv(k, bk))](
+        *ptrs[0], *ptrs[1], *ptrs[2], out, out.stride(0), *ns, tiles[0], tiles[1], k,
+        NESTED=w0.nested, EVEN_K=k % 2 == 0, K_ALIGNED=k % bs == 0, QTYPE=QTYPES[w0.quant_type], BS=bs,
+        BS2=w0.blocksize2 if w0.nested else 256, LOOKUP=lookup_code("gather"), BLOCK_R=br, BLOCK_K=bk, num_warps=warps,
     )  # fmt: skip
     return out
 

@@ -129,6 +129,39 @@ def test_dequant_into_wider_buffer_leaves_tail(poison_empty):
     assert (buf[:, 40:] == 7.0).all()
 
 
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize(("rows", "k"), [((72, 17, 40), 40), ((33, 9), 72), ((5,), 33)])
+def test_dequant_group_bit_exact(rows, k, nested, poison_empty):
+    """Up to three weights stacked in one launch, row counts that are not multiples of the row tile
+    (odd K too): each block of rows bit-equal to its own dequantisation, the buffer's tail untouched."""
+    from fastlora.kernels import Packed4bit, dequant_group, groupable
+
+    qws = [quantize_4bit(torch.randn(n, k, device=DEV), blocksize=64, compress_statistics=nested) for n in rows]
+    views = [
+        Packed4bit(q.packed, q.absmax, "nf4", q.shape, 64, q.absmax2, q.code2, q.blocksize2, q.offset) for q in qws
+    ]
+    assert groupable(views)
+    buf = torch.full((sum(rows), k + 8), 7.0, dtype=torch.bfloat16, device=DEV)
+    dequant_group(views, torch.bfloat16, buf)
+    ref = torch.cat([dequantize(q, torch.bfloat16) for q in qws])
+    assert torch.equal(buf[:, :k].view(torch.int16), ref.view(torch.int16))
+    assert (buf[:, k:] == 7.0).all()
+
+
+def test_dequant_group_refuses_mixed_weights():
+    from fastlora.kernels import Packed4bit, dequant_group, groupable
+
+    def view(k, bs):
+        q = quantize_4bit(torch.randn(8, k, device=DEV), blocksize=bs)
+        return Packed4bit(q.packed, q.absmax, "nf4", q.shape, bs, q.absmax2, q.code2, q.blocksize2, q.offset)
+
+    buf = torch.empty(16, 64, dtype=torch.bfloat16, device=DEV)
+    for views in ([view(64, 64), view(32, 64)], [view(64, 64), view(64, 128)], [view(64, 64)] * 4):
+        assert not groupable(views)
+        with pytest.raises(ValueError, match="one K and one quantisation"):
+            dequant_group(views, torch.bfloat16, buf)
+
+
 @pytest.mark.parametrize("lookup", ["select", "gather1d"])
 @pytest.mark.parametrize(("quant_type", "nested"), [("nf4", True), ("fp4", False)])
 def test_dequant_lookups_bit_identical(lookup, quant_type, nested, poison_empty):
@@ -354,6 +387,27 @@ def test_gpu_dequant_bit_exact_vs_bitsandbytes(quant_type, nested, blocksize, sh
                   offset=torch.as_tensor(qs.offset, dtype=torch.float32, device="cuda"))  # fmt: skip
     out = dequant_4bit(packed, qs.absmax, quant_type, tuple(qs.shape), qs.blocksize, torch.bfloat16, **kw)
     assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nested", [False, True])
+def test_gpu_dequant_group_bit_exact_vs_bitsandbytes(nested):
+    """q/k/v-like widths of one K in one launch: each block bit-equal to bitsandbytes' dequantisation."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from fastlora.kernels import Packed4bit, dequant_group
+
+    k, views, refs = 4104, [], []
+    for n in (4104, 1000, 72):
+        packed, qs = bnbf.quantize_4bit(
+            torch.randn(n, k, device="cuda", dtype=torch.bfloat16), compress_statistics=nested
+        )
+        refs.append(bnbf.dequantize_4bit(packed, qs))
+        nest = (qs.state2.absmax, qs.state2.code, qs.state2.blocksize, qs.offset.reshape(1).float()) if nested else ()
+        views.append(Packed4bit(packed, qs.absmax, "nf4", (n, k), qs.blocksize, *nest))
+    out = dequant_group(
+        views, torch.bfloat16, torch.empty(sum(v.shape[0] for v in views), k, dtype=torch.bfloat16, device="cuda")
+    )
+    assert torch.equal(out.view(torch.int16), torch.cat(refs).view(torch.int16))
 
 
 @pytest.mark.gpu

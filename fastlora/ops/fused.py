@@ -28,12 +28,11 @@ launches them itself, so a compiled step can be CUDA-graphed (``mode="reduce-ove
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from ..kernels import Packed4bit, dequant_packed, interpreting, lora_bwd_aux, lora_down, lora_up_add, seed_tensor
 from ..quant import QuantizedWeight, packed_bytes
+from .reference import autocast_off
 
 __all__ = ["MERGES", "backward_impl", "forward_impl", "lora_linear_fused", "packed_weight", "supports"]
 
@@ -289,15 +288,6 @@ def _backward(ctx, dy, dxa):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _no_autocast(device_type: str):
-    """A context that turns autocast off, or a no-op one when it is off already (the common eager
-    case: building a ``torch.autocast`` context costs host time on every call)."""
-    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else _NULL
-
-
-_NULL = contextlib.nullcontext()
-
-
 class _LoraLinearFused(torch.autograd.Function):
     """Eager twin of the ops (same implementation, no dispatcher on the way). It takes x of any rank
     and A, B in any float dtype and does the reshapes and casts itself: no view or cast nodes in the
@@ -308,7 +298,7 @@ class _LoraLinearFused(torch.autograd.Function):
         x_shape = x.shape
         x2 = x.reshape(-1, x_shape[-1])
         lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
-        with _no_autocast(x.device.type):
+        with autocast_off(x.device.type):
             y, xa = forward_impl(x2, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, merge)
         ctx.save_for_backward(x2, lora_A, lora_B, xa)
         ctx.weight, ctx.scaling, ctx.dropout_p, ctx.seed, ctx.x_shape = weight, scaling, dropout_p, seed, x_shape
@@ -318,7 +308,7 @@ class _LoraLinearFused(torch.autograd.Function):
     def backward(ctx, dy):
         x, lora_A, lora_B, xa = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        with _no_autocast(dy.device.type):
+        with autocast_off(dy.device.type):
             dx, da, db = backward_impl(
                 dy.reshape(-1, dy.shape[-1]), x, ctx.weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
                 ctx.seed, needs[0], needs[2] or needs[3],

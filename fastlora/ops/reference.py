@@ -12,11 +12,22 @@ The dropout mask is regenerated from a seed in backward instead of being stored.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..quant import QuantizedWeight, dequantize
 
 BaseWeight = torch.Tensor | QuantizedWeight
+
+
+def autocast_off(device_type: str):
+    """A context that turns autocast off, or a no-op one when it is off already (the common eager
+    case: building a ``torch.autocast`` context costs host time on every call of an op)."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else _NULL
+
+
+_NULL = contextlib.nullcontext()
 
 
 def base_weight_dense(base: BaseWeight, dtype: torch.dtype) -> torch.Tensor:

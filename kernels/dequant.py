@@ -123,14 +123,15 @@ def _dequant4_group_kernel(
     n = tl.where(first, N0, tl.where(second, N1, N2))
     row0 = tl.where(first, 0, tl.where(second, N0, N0 + N1))
     pid_n = tl.where(first, pid, tl.where(second, pid - T0, pid - T0 - T1))
+    # (fresh names: a2 is weight 2's absmax)
     if first:
-        q, a, a2, c2, o = q0, a0, a20, c20, o0
+        q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr = q0, a0, a20, c20, o0
     elif second:
-        q, a, a2, c2, o = q1, a1, a21, c21, o1
+        q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr = q1, a1, a21, c21, o1
     else:
-        q, a, a2, c2, o = q2, a2, a22, c22, o2
+        q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr = q2, a2, a22, c22, o2
     _dequant4_tile(
-        q, a, a2, c2, o, out_ptr + row0.to(tl.int64) * stride_on, stride_on, n, K,
+        q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr + row0.to(tl.int64) * stride_on, stride_on, n, K,
         pid_n, tl.program_id(1), NESTED, EVEN_K, K_ALIGNED, QTYPE, BS, BS2, LOOKUP, BLOCK_R, BLOCK_K,
     )  # fmt: skip
 

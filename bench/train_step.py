@@ -255,9 +255,12 @@ def profile_step(step, batch, path: Path) -> None:
             torch.cuda.synchronize()
     events = prof.events()
     kernels = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=70)
+    avg = prof.key_averages()
+    tables = [avg.table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=70)]
+    if batch.is_cuda:
+        tables.append(avg.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"CUDA kernels in one step: {kernels}\n{table}\n")
+    path.write_text(f"CUDA kernels in one step: {kernels}\n" + "\n".join(tables) + "\n")
 
 
 def run_arm(label, build, batches, args, checkpointing: bool = False, compile_model: bool = False) -> dict:

@@ -398,9 +398,8 @@ def test_gpu_dequant_group_bit_exact_vs_bitsandbytes(nested):
 
     k, views, refs = 4104, [], []
     for n in (4104, 1000, 72):
-        packed, qs = bnbf.quantize_4bit(
-            torch.randn(n, k, device="cuda", dtype=torch.bfloat16), compress_statistics=nested
-        )
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        packed, qs = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=nested)  # bnb's default: fp4
         refs.append(bnbf.dequantize_4bit(packed, qs))
         nest = (qs.state2.absmax, qs.state2.code, qs.state2.blocksize, qs.offset.reshape(1).float()) if nested else ()
         views.append(Packed4bit(packed, qs.absmax, "nf4", (n, k), qs.blocksize, *nest))

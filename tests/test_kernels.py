@@ -718,3 +718,56 @@ def test_layer_under_autocast_matches_reference_and_outside_it_needs_no_autocast
     for a, b in zip(outs["triton"], outs["torch"]):
         assert relerr(a.float(), b.float()) < 1e-2
     assert not built
+
+
+# ------------------------------------------------------------------------------------------------
+# the CUDA compiler's front end, without a GPU
+# ------------------------------------------------------------------------------------------------
+_COMPILE_DEQUANT = r"""
+import itertools, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastlora.kernels.dequant import _dequant4_group_kernel, _dequant4_kernel
+
+def signature(kernel, nested, consts):
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name == "out_ptr":
+            sig[name] = "*bf16"
+        elif name.startswith("q") or (name in ("a0", "a1", "a2", "absmax_ptr") and nested):
+            sig[name] = "*u8"
+        elif name.endswith("_ptr") or name[0] in "aco":
+            sig[name] = "*fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+for kernel, nested, aligned in itertools.product((_dequant4_kernel, _dequant4_group_kernel), (False, True), (False, True)):
+    consts = dict(NESTED=nested, EVEN_K=aligned, K_ALIGNED=aligned, QTYPE=0, BS=64, BS2=256, LOOKUP=1,
+                  BLOCK_R=64, BLOCK_K=64)
+    src = ASTSource(kernel, signature=signature(kernel, nested, consts),
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    triton.compile(src, target=GPUTarget("cuda", 90, 32))
+print("ok")
+"""
+
+
+def test_dequant_kernels_compile_for_hopper():
+    """The interpreter runs Python, not Triton's compiler: a kernel it accepts can still be refused on
+    the GPU (e.g. a variable rebound to another pointer type). Compile both dequantisation kernels for
+    an sm_90 target offline, in a process without TRITON_INTERPRET (no GPU needed)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = subprocess.run(
+        [sys.executable, "-c", "from triton.backends.nvidia.compiler import CUDABackend"], env=env, capture_output=True
+    )
+    if probe.returncode != 0:
+        pytest.skip("Triton's NVIDIA backend is not installed")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_DEQUANT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

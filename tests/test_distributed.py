@@ -35,12 +35,15 @@ import distributed_worker as w  # tests/ is on sys.path (pyproject: pythonpath)
 from helpers import quantize_model_bnb, relerr, tiny_llama
 
 import fastlora
+from fastlora._dist import is_dtensor
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
-NF4_SCENARIOS = ["fsdp_nf4", "fsdp_nf4_helper", "fsdp_nf4_replicated"]
-SCENARIOS = ["ddp", "fsdp_fp32", "fsdp_bf16", "lora_ga"] + (NF4_SCENARIOS if HAS_BNB else [])
-FSDP_KINDS = {"fsdp_fp32": "fp32", "fsdp_bf16": "bf16"} | dict.fromkeys(NF4_SCENARIOS, "nf4")
+NF4_SCENARIOS = ["fsdp_nf4", "fsdp_nf4_helper", "fsdp_nf4_replicated", "fsdp_nf4_one_unit_replicated"]
+SCENARIOS = ["ddp", "fsdp_fp32", "fsdp_fp32_grouped", "fsdp_bf16", "lora_ga"] + (NF4_SCENARIOS if HAS_BNB else [])
+FSDP_KINDS = {"fsdp_fp32": "fp32", "fsdp_fp32_grouped": "fp32", "fsdp_bf16": "bf16"} | dict.fromkeys(
+    NF4_SCENARIOS, "nf4"
+)
 # A scenario that makes no progress for this long is declared hung (gloo's own timeout is 120 s).
 SCENARIO_TIMEOUT_S = 150
 # Gradient/parameter tolerances (relative Frobenius error): fp32 sums in another order; bf16
@@ -242,6 +245,11 @@ def test_fsdp_shards_parameters_but_the_op_sees_whole_weights(run, scenario):
         assert all(calls), f"{name}: the LoRA op saw a sharded or changed weight"
 
 
+def test_fsdp_keep_embeddings_leaves_the_table_gathered_after_the_steps(run):
+    assert _result(run, "fsdp_fp32_grouped")["embed_sharded"] is False
+    assert _result(run, "fsdp_fp32")["embed_sharded"] is True
+
+
 @fsdp_scenarios
 def test_fsdp_shards_only_floating_point_parameters(run, scenario):
     """torch < 2.13 cannot shard any other (the nccl-2gpu run on torch 2.11 crashed so on uint8 NF4 bytes)."""
@@ -336,6 +344,90 @@ def test_fully_shard_finds_the_decoder_blocks_and_refuses_bad_input():
         fastlora.fully_shard(model, base="half")
     with pytest.raises(ValueError, match=r"pass blocks=\[\.\.\.\]"):
         fastlora.fully_shard(torch.nn.Sequential(model.model.layers[0]))
+    bad = [
+        (dict(blocks_per_unit=0), "blocks_per_unit must be an int >= 1"),
+        (dict(blocks_per_unit=True), "blocks_per_unit must be an int >= 1"),
+        (dict(blocks_per_unit=2.0), "blocks_per_unit must be an int >= 1"),
+        (dict(prefetch=-1), "prefetch must be an int >= 0"),
+        (dict(backward_prefetch="2"), "backward_prefetch must be an int >= 0"),
+        (dict(reshard_after_forward=0), "reshard_after_forward must be True, False or a number of ranks >= 1"),
+        (dict(reshard_after_forward="no"), "reshard_after_forward must be True, False or a number of ranks >= 1"),
+    ]
+    for kwargs, message in bad:  # refused before anything is sharded (no process group needed)
+        with pytest.raises(ValueError, match=f"fastlora.fully_shard: {message}"):
+            fastlora.fully_shard(model, **kwargs)
+    assert not any(is_dtensor(p) for p in model.parameters())
+
+
+@pytest.fixture
+def one_rank_group():
+    """A 1-process gloo group in this process (FSDP2 needs one), torn down after the test."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _step(model: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
+    ids = torch.randint(0, w.VOCAB, (2, w.SEQ), generator=torch.Generator().manual_seed(3))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: w.full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+def test_fully_shard_groups_blocks_into_units_with_prefetch_in_both_directions(one_rank_group):
+    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+
+    ref = fastlora.patch(tiny_llama(0, num_hidden_layers=5).train(), r=4)
+    model = copy.deepcopy(ref)
+    fastlora.fully_shard(model, blocks_per_unit=2, prefetch=1, backward_prefetch=2)
+    layers, head = model.model.layers, model.lm_head
+    state = [torch_fully_shard.state(m) for m in layers]
+    # Units of 2 consecutive blocks, the last one shorter: [0, 1], [2, 3], [4].
+    assert state[0] is state[1] and state[2] is state[3]
+    assert len({id(state[0]), id(state[2]), id(state[4])}) == 3
+    # Forward: each unit all-gathers the next (the head after the last blocks); backward runs the
+    # units in reverse and gathers two ahead.
+    assert state[0]._states_to_forward_prefetch == [state[2]]
+    assert state[4]._states_to_forward_prefetch == [torch_fully_shard.state(head)]
+    assert torch_fully_shard.state(head)._states_to_backward_prefetch == [state[4], state[2]]
+    assert state[2]._states_to_backward_prefetch == [state[0]]
+    # Grouping changes the schedule only: the step is the unsharded model's.
+    loss, grads = _step(model)
+    ref_loss, ref_grads = _step(ref)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 5 * 14
+    for name in grads:
+        assert relerr(grads[name], ref_grads[name]) < 1e-5, name
+
+
+def test_fully_shard_keeps_the_embeddings_gathered_only_when_asked(one_rank_group):
+    kept = fastlora.patch(tiny_llama(0).train(), r=4)
+    fastlora.fully_shard(kept, keep_embeddings=True)
+    default = fastlora.patch(tiny_llama(0).train(), r=4)
+    fastlora.fully_shard(default)
+    for model in (kept, default):
+        for _ in range(2):
+            _step(model)
+        assert is_dtensor(model.model.layers[0].self_attn.q_proj.base_layer.weight)  # blocks resharded
+    assert not is_dtensor(kept.model.embed_tokens.weight)  # still whole after the steps
+    assert is_dtensor(default.model.embed_tokens.weight)
+
+
+def test_fully_shard_replicated_base_in_one_unit_shards_only_lora(one_rank_group):
+    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+
+    model = fastlora.patch(tiny_llama(0).train(), r=4)
+    fastlora.fully_shard(model, base="replicate", blocks_per_unit=None, reshard_after_forward=False)
+    layers = model.model.layers
+    assert torch_fully_shard.state(layers[0]) is torch_fully_shard.state(layers[1])
+    # The embeddings and the head hold only frozen (ignored) parameters: no units of their own.
+    for module in (model.model.embed_tokens, model.lm_head):
+        assert not any(is_dtensor(p) for p in module.parameters())
+        assert not isinstance(module, torch.distributed.fsdp.FSDPModule)
+    assert all(is_dtensor(p) == p.requires_grad for p in model.parameters())
 
 
 # -- the harness: a crash fails its own scenario only -------------------------------------------------
@@ -394,3 +486,51 @@ def test_bench_distributed_smoke_runs_every_arm_on_1_and_2_processes(tmp_path):
         for n in (1, 2):
             norms = [r["first_lora_grad_norm"] for r in rows if r["quant"] == q and r["gpus"] == n]
             assert max(norms) == pytest.approx(min(norms), rel=1e-5), (q, n, norms)
+
+
+@pytest.mark.skipif(not BENCH.is_file(), reason="bench/ is not part of this checkout")
+def test_bench_distributed_smoke_new_layouts_profile_the_best_and_check_gradients(tmp_path):
+    """The fully_shard layouts beyond the default ones, ``--one-gpu-arms``, ``--profile-best`` and the gradient check."""
+    out, prof = tmp_path / "bench.json", tmp_path / "profile.txt"
+    arms = ["fsdp2-keep-g2", "fsdp2-keep-g2-emb-cta", "fsdp2-keep-mp", "fsdp2-repl-1", "fsdp2-bwd2"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--gpus", "1", "2", "--quant", "bf16", "--one-gpu-arms", "single",
+         "--arms", *arms, "--profile-best", "--profile-gpus", "2", "--profile-out", str(prof), "--budget-s", "250",
+         "--json", str(out)],
+        cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = [r for r in data["rows"] if not r.get("profile_rerun")]
+    assert sorted((r["arm"], r["gpus"]) for r in rows) == sorted([("single", 1)] + [(a, 2) for a in arms])
+    for r in rows:
+        assert "error" not in r and r["grad_norm_ok"], r
+        assert 0 < r["host_ms"] <= r["step_ms"] * 1.01
+        if r["gpus"] == 2:
+            assert r["efficiency_vs_single"] > 0  # against the same run's 1-process baseline
+    exact = [r["first_lora_grad_norm"] for r in rows if r["gpus"] == 2 and r["arm"] != "fsdp2-keep-mp"]
+    assert max(exact) == pytest.approx(min(exact), rel=1e-5)
+    mp = next(r["first_lora_grad_norm"] for r in rows if r["arm"] == "fsdp2-keep-mp")
+    assert mp == pytest.approx(exact[0], rel=2e-2)  # bf16 LoRA gradients: close, not equal
+    rerun = [r for r in data["rows"] if r.get("profile_rerun")]
+    assert len(rerun) == 1 and rerun[0]["arm"] in arms
+    text = prof.read_text()
+    assert f"== {rerun[0]['arm']} bf16 x2 (best)" in text and "FSDP host work per step" in text
+
+
+def test_bench_deadline_skips_an_arm_that_would_end_past_it(one_rank_group):
+    import importlib
+
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        bench = importlib.import_module("bench_distributed")
+    finally:
+        sys.path.remove(str(BENCH.parent))
+    cpu = torch.device("cpu")
+    assert bench.Deadline(None, cpu).allows()
+    deadline = bench.Deadline(time.time() + 30, cpu)
+    assert deadline.allows()  # nothing measured yet
+    deadline.took(10.0)
+    assert deadline.allows()
+    deadline.took(40.0)  # the next arm, estimated as long as the longest so far, would end too late
+    assert not deadline.allows()

@@ -501,6 +501,33 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_report(args, rows: list[dict], t_start: float, final: bool) -> None:
+    """Efficiencies, gradient check and ``--json`` for the rows so far (the table too when ``final``)."""
+    add_efficiency(rows)
+    notes = check_grad_norms(rows)
+    if final:
+        print(table(rows))
+        print("\n".join(notes))
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "env": NVLINK_MULTICAST_OFF,
+        # FASTLORA_BACKEND, if set, chooses the op's implementation: recorded with the numbers.
+        "fastlora_env": {k: v for k, v in os.environ.items() if k.startswith("FASTLORA_")},
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("worker", "out")},
+        "arms": {name: dataclasses.asdict(spec) for name, spec in ARMS.items()},
+        "grad_norm_check": notes,
+        "wall_s": time.time() - t_start,
+        "complete": final,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        if final:
+            print(f"wrote {args.json}")
+
+
 def driver(args, passthrough: list[str]) -> int:
     t_start = time.time()
     if not args.smoke:
@@ -523,26 +550,8 @@ def driver(args, passthrough: list[str]) -> int:
                 rows.extend(json.loads(part.read_text()))
             if proc.returncode != 0:
                 rows.append({"arm": "*", "quant": "*", "gpus": n, "error": f"torchrun exited {proc.returncode}"})
-    add_efficiency(rows)
-    notes = check_grad_norms(rows)
-    print(table(rows))
-    print("\n".join(notes))
-    meta = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "env": NVLINK_MULTICAST_OFF,
-        # FASTLORA_BACKEND, if set, chooses the op's implementation: recorded with the numbers.
-        "fastlora_env": {k: v for k, v in os.environ.items() if k.startswith("FASTLORA_")},
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("worker", "out")},
-        "arms": {name: dataclasses.asdict(spec) for name, spec in ARMS.items()},
-        "grad_norm_check": notes,
-        "wall_s": time.time() - t_start,
-    }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        print(f"wrote {args.json}")
+            write_report(args, rows, t_start, final=False)  # a run stopped from outside keeps what is done
+    write_report(args, rows, t_start, final=True)
     ok = all("error" not in r for r in rows) and all(r.get("grad_norm_ok", True) for r in rows)
     return 0 if ok else 1
 

@@ -85,6 +85,8 @@ ARMS: dict[str, Arm] = {
     "fsdp2-keep": Arm("fastlora", dict(reshard_after_forward=False)),
     "fsdp2-repl": Arm("fastlora", dict(base="replicate")),
     "fsdp2-g2": Arm("fastlora", dict(blocks_per_unit=2)),
+    "fsdp2-emb": Arm("fastlora", dict(keep_embeddings=True)),
+    "fsdp2-g2-emb": Arm("fastlora", dict(blocks_per_unit=2, keep_embeddings=True)),
     "fsdp2-keep-g2": Arm("fastlora", dict(reshard_after_forward=False, blocks_per_unit=2)),
     "fsdp2-keep-g4": Arm("fastlora", dict(reshard_after_forward=False, blocks_per_unit=4)),
     "fsdp2-keep-emb": Arm("fastlora", dict(reshard_after_forward=False, keep_embeddings=True)),

@@ -33,11 +33,11 @@ echo "installs done at ${SECONDS} s" | tee -a "$OUT/env.txt"
 rc=0
 # 2-GPU arms, most telling first (what each tests: bench/NOTES.md, "Multi-GPU"): the references
 # (ddp, torch's layout, the previous best fsdp2-keep), one unit per 2 blocks, the NCCL CTA cap, the
-# kept embeddings, the replicated base in one unit, all three together, bf16 LoRA gathers, then
-# the rest (grouping without keep, the default, 4 blocks per unit, deeper prefetch, replicate per
-# block, bf16 gradient reduction).
+# kept embeddings, the replicated base in one unit, all three together; the memory-lean layouts
+# (the default, then with 2 blocks per unit and/or kept embeddings: candidates for new defaults);
+# then bf16 LoRA gathers, 4 blocks per unit, deeper prefetch, replicate per block, bf16 reduction.
 ARMS2="ddp fsdp2-torch fsdp2-keep fsdp2-keep-g2 fsdp2-keep-cta fsdp2-keep-emb fsdp2-repl-1 fsdp2-keep-g2-emb-cta
- fsdp2-keep-mp fsdp2-g2 fsdp2 fsdp2-keep-g4 fsdp2-bwd2 fsdp2-repl fsdp2-keep-rs16"
+ fsdp2 fsdp2-g2 fsdp2-emb fsdp2-g2-emb fsdp2-keep-mp fsdp2-keep-g4 fsdp2-bwd2 fsdp2-repl fsdp2-keep-rs16"
 # shellcheck disable=SC2086
 timeout "$(( ${BUDGET_S:-300} + 40 ))" python3 bench/bench_distributed.py --gpus 1 2 --layers 8 \
     --warmup "${WARMUP:-3}" --iters "${ITERS:-12}" --budget-s "${BUDGET_S:-300}" \

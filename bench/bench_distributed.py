@@ -16,7 +16,8 @@ double quantisation) base:
   blocks per unit), ``-emb`` (``keep_embeddings``), ``-bwd2`` (two units of forward and backward
   prefetch), ``-mp`` (LoRA gathered as bf16, gradients reduced in fp32), ``-rs16`` (LoRA gradients
   reduced in bf16), ``-cta`` (an NCCL group whose collectives use at most 8 CTAs, i.e. SMs),
-  ``-repl`` (``base="replicate"``: only LoRA sharded; ``-repl-1``: all of it one unit)
+  ``-repl`` (``base="replicate"``: only LoRA sharded; ``-repl-1``: all of it one unit), ``-lrepl``
+  (``lora="replicate"``: only the frozen base sharded, LoRA gradients all-reduced after backward)
 
 Reported per arm and N: median step time (after warm-up), the median host time to enqueue a step
 (``host_ms``: when it nears the step time, the CPU is the bottleneck), global tokens/s, tokens/s per GPU, scaling
@@ -97,6 +98,9 @@ ARMS: dict[str, Arm] = {
     "fsdp2-keep-mp": Arm("fastlora", dict(reshard_after_forward=False), mp=("bfloat16", "float32"), exact=False),
     "fsdp2-keep-rs16": Arm("fastlora", dict(reshard_after_forward=False), mp=("", "bfloat16"), exact=False),
     "fsdp2-bwd2": Arm("fastlora", dict(prefetch=2, backward_prefetch=2)),
+    "fsdp2-lrepl": Arm("fastlora", dict(lora="replicate")),
+    "fsdp2-keep-lrepl": Arm("fastlora", dict(reshard_after_forward=False, lora="replicate")),
+    "fsdp2-g2-emb-lrepl": Arm("fastlora", dict(blocks_per_unit=2, keep_embeddings=True, lora="replicate")),
     "fsdp2-repl-1": Arm("fastlora", dict(base="replicate", blocks_per_unit=None, reshard_after_forward=False)),
 }
 # The first six: the arms of the first H200 runs (the default selection).
@@ -104,6 +108,8 @@ DEFAULT_ARMS = ["single", "ddp", "fsdp2-torch", "fsdp2", "fsdp2-keep", "fsdp2-re
 # Relative spread of the first LoRA gradient norm tolerated across arms at one N (exact arms: the
 # kernels' own run-to-run variation; bf16 gradients or reductions: bf16 rounding).
 GRAD_RTOL = {True: 1e-3, False: 2e-2}
+# Seconds of --deadline kept for the --profile-best re-runs (2 arms with 2 profiled steps each).
+PROFILE_RESERVE_S = 30
 
 
 # -- model -------------------------------------------------------------------------------------------
@@ -398,7 +404,11 @@ def worker(args) -> int:
         device = torch.device("cpu")
         dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=10))
     world, rank = dist.get_world_size(), dist.get_rank()
-    deadline = Deadline(args.deadline, device)
+    profiling = args.profile_out and world in args.profile_gpus
+    best_later = bool(profiling and args.profile_best and world > 1)
+    final = Deadline(args.deadline, device)
+    # The timed arms leave PROFILE_RESERVE_S for the profiled re-runs of the best layouts.
+    deadline = Deadline(None if args.deadline is None else args.deadline - PROFILE_RESERVE_S * best_later, device)
     arms = args.arms if world > 1 or args.one_gpu_arms is None else args.one_gpu_arms
     rows: list[dict] = []
 
@@ -409,14 +419,14 @@ def worker(args) -> int:
             if args.out:
                 Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
 
-    profiling = args.profile_out and world in args.profile_gpus
     for arm in arms:
         if ARMS[arm].wrap == "none" and world != 1:
             continue
         for quant in args.quant:
             label = f"{arm} {quant} x{world}" if profiling and arm in args.profile else None
             emit(_run_or_error(args, arm, quant, device, world, deadline, label))
-    if profiling and args.profile_best and world > 1:
+    if best_later:
+        final.took(deadline.longest)
         # The fastest fastlora.fully_shard layout per base (step times are max-reduced: the same on every rank).
         for quant in args.quant:
             label_quant = "fp32" if quant == "bf16" and device.type == "cpu" else quant
@@ -428,7 +438,7 @@ def worker(args) -> int:
             best = min(ok, key=lambda r: r["step_ms"])["arm"]
             if best in args.profile:
                 continue  # profiled already
-            row = _run_or_error(args, best, quant, device, world, deadline, f"{best} {quant} x{world} (best)")
+            row = _run_or_error(args, best, quant, device, world, final, f"{best} {quant} x{world} (best)")
             row["profile_rerun"] = True  # a second timing of an arm above, not a new arm
             emit(row)
     # Tear down together: a rank whose peer already closed its gloo connections can abort at exit

@@ -32,16 +32,18 @@ python3 -c "import torch, triton, transformers, bitsandbytes as b; print('torch'
 echo "installs done at ${SECONDS} s" | tee -a "$OUT/env.txt"
 rc=0
 # 2-GPU arms, most telling first (what each tests: bench/NOTES.md, "Multi-GPU"): the references
-# (ddp, torch's layout, the previous best fsdp2-keep), one unit per 2 blocks, the NCCL CTA cap, the
-# kept embeddings, the replicated base in one unit, all three together; the memory-lean layouts
-# (the default, then with 2 blocks per unit and/or kept embeddings: candidates for new defaults);
-# then bf16 LoRA gathers, 4 blocks per unit, deeper prefetch, replicate per block, bf16 reduction.
-ARMS2="ddp fsdp2-torch fsdp2-keep fsdp2-keep-g2 fsdp2-keep-cta fsdp2-keep-emb fsdp2-repl-1 fsdp2-keep-g2-emb-cta
- fsdp2 fsdp2-g2 fsdp2-emb fsdp2-g2-emb fsdp2-keep-mp fsdp2-keep-g4 fsdp2-bwd2 fsdp2-repl fsdp2-keep-rs16"
+# (ddp, torch's layout, the previous best fsdp2-keep), LoRA replicated (no reduce-scatters), one
+# unit per 2 blocks, the NCCL CTA cap, the kept embeddings, the replicated base in one unit, the
+# combinations; the memory-lean layouts (the default, then with 2 blocks per unit and/or kept
+# embeddings: candidates for new defaults); then bf16 LoRA gathers, 4 blocks per unit, deeper
+# prefetch, replicate per block, bf16 reduction.
+ARMS2="ddp fsdp2-torch fsdp2-keep fsdp2-lrepl fsdp2-keep-lrepl fsdp2-keep-g2 fsdp2-keep-cta fsdp2-keep-emb
+ fsdp2-repl-1 fsdp2-keep-g2-emb-cta fsdp2-g2-emb-lrepl fsdp2 fsdp2-g2 fsdp2-emb fsdp2-g2-emb fsdp2-keep-mp
+ fsdp2-keep-g4 fsdp2-bwd2 fsdp2-repl fsdp2-keep-rs16"
 # shellcheck disable=SC2086
 timeout "$(( ${BUDGET_S:-300} + 40 ))" python3 bench/bench_distributed.py --gpus 1 2 --layers 8 \
     --warmup "${WARMUP:-3}" --iters "${ITERS:-12}" --budget-s "${BUDGET_S:-300}" \
-    --one-gpu-arms single fsdp2-torch fsdp2-keep fsdp2-keep-g2 --arms $ARMS2 \
+    --one-gpu-arms single fsdp2-torch fsdp2-keep fsdp2-keep-g2 fsdp2-lrepl --arms $ARMS2 \
     --profile fsdp2-torch --profile-gpus 2 --profile-best --profile-out "$OUT/profile.txt" \
     --json "$OUT/distributed.json" ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/bench.log" | grep -v '^{' || rc=1
 echo "benchmark done at ${SECONDS} s" | tee -a "$OUT/env.txt"
@@ -50,7 +52,7 @@ echo "benchmark done at ${SECONDS} s" | tee -a "$OUT/env.txt"
 left=$(( ${TOTAL_S:-400} - SECONDS ))
 if [ "${TESTS:-1}" = 1 ] && [ "$left" -gt 30 ]; then
     timeout "$left" python3 -P -m pytest tests/test_distributed.py -q -p no:cacheprovider -rfE \
-        -k "nccl and (grouped or one_unit or keep_embeddings)" 2>&1 | tee "$OUT/pytest.log" | tail -15 || rc=1
+        -k "nccl and (grouped or one_unit or keep_embeddings or replicated_lora)" 2>&1 | tee "$OUT/pytest.log" | tail -15 || rc=1
 else
     echo "pytest skipped: ${left} s left" | tee "$OUT/pytest.log"
 fi

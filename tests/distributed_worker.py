@@ -239,6 +239,11 @@ def scenario_fsdp_fp32_grouped(rank: int, out: Path) -> dict:
     )
 
 
+def scenario_fsdp_fp32_replicated_lora(rank: int, out: Path) -> dict:
+    # The base sharded, LoRA whole on every rank with its gradients all-reduced after backward.
+    return _fsdp(rank, out, "fp32", "fsdp_fp32_replicated_lora", lora="replicate")
+
+
 def scenario_fsdp_nf4(rank: int, out: Path) -> dict:
     # The QLoRA+FSDP recipe with torch's fully_shard by hand: bitsandbytes quantises into fp32 storage.
     return _fsdp(rank, out, "nf4", "fsdp_nf4", storage=torch.float32)

@@ -40,10 +40,9 @@ from fastlora._dist import is_dtensor
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 NF4_SCENARIOS = ["fsdp_nf4", "fsdp_nf4_helper", "fsdp_nf4_replicated", "fsdp_nf4_one_unit_replicated"]
-SCENARIOS = ["ddp", "fsdp_fp32", "fsdp_fp32_grouped", "fsdp_bf16", "lora_ga"] + (NF4_SCENARIOS if HAS_BNB else [])
-FSDP_KINDS = {"fsdp_fp32": "fp32", "fsdp_fp32_grouped": "fp32", "fsdp_bf16": "bf16"} | dict.fromkeys(
-    NF4_SCENARIOS, "nf4"
-)
+FP32_SCENARIOS = ["fsdp_fp32", "fsdp_fp32_grouped", "fsdp_fp32_replicated_lora"]
+SCENARIOS = ["ddp", *FP32_SCENARIOS, "fsdp_bf16", "lora_ga"] + (NF4_SCENARIOS if HAS_BNB else [])
+FSDP_KINDS = dict.fromkeys(FP32_SCENARIOS, "fp32") | {"fsdp_bf16": "bf16"} | dict.fromkeys(NF4_SCENARIOS, "nf4")
 # A scenario that makes no progress for this long is declared hung (gloo's own timeout is 120 s).
 SCENARIO_TIMEOUT_S = 150
 # Gradient/parameter tolerances (relative Frobenius error): fp32 sums in another order; bf16
@@ -235,9 +234,9 @@ def test_fsdp_trains_like_single_process(run, scenario):
 @fsdp_scenarios
 def test_fsdp_shards_parameters_but_the_op_sees_whole_weights(run, scenario):
     res = _result(run, scenario)
-    replicated = scenario.endswith("replicated")
-    # Outside forward every LoRA parameter, and every base weight unless ignored, is a DTensor shard.
-    assert res["sharded"] and all(lora for _, lora in res["sharded"].values())
+    replicated, lora_replicated = scenario.endswith("replicated"), scenario.endswith("replicated_lora")
+    # Outside forward every LoRA parameter and every base weight, unless ignored, is a DTensor shard.
+    assert res["sharded"] and all(lora != lora_replicated for _, lora in res["sharded"].values())
     assert all(base != replicated for base, _ in res["sharded"].values())
     # Inside forward (STEPS train steps + 1 probe), the op got whole weights, equal to the originals.
     for name, calls in res["seen"].items():
@@ -352,6 +351,8 @@ def test_fully_shard_finds_the_decoder_blocks_and_refuses_bad_input():
         (dict(backward_prefetch="2"), "backward_prefetch must be an int >= 0"),
         (dict(reshard_after_forward=0), "reshard_after_forward must be True, False or a number of ranks >= 1"),
         (dict(reshard_after_forward="no"), "reshard_after_forward must be True, False or a number of ranks >= 1"),
+        (dict(lora="frozen"), "lora must be one of shard, replicate"),
+        (dict(base="replicate", lora="replicate"), "base='replicate' with lora='replicate' leaves nothing to shard"),
     ]
     for kwargs, message in bad:  # refused before anything is sharded (no process group needed)
         with pytest.raises(ValueError, match=f"fastlora.fully_shard: {message}"):
@@ -414,6 +415,20 @@ def test_fully_shard_keeps_the_embeddings_gathered_only_when_asked(one_rank_grou
         assert is_dtensor(model.model.layers[0].self_attn.q_proj.base_layer.weight)  # blocks resharded
     assert not is_dtensor(kept.model.embed_tokens.weight)  # still whole after the steps
     assert is_dtensor(default.model.embed_tokens.weight)
+
+
+def test_fully_shard_replicated_lora_leaves_fsdp2_only_the_frozen_base(one_rank_group):
+    ref = fastlora.patch(tiny_llama(0).train(), r=4)
+    model = copy.deepcopy(ref)
+    fastlora.fully_shard(model, lora="replicate")
+    assert all(is_dtensor(p) != p.requires_grad for p in model.parameters())
+    for _ in range(2):  # the second backward accumulates into the averaged gradients of the first
+        loss, grads = _step(model)
+        ref_loss, ref_grads = _step(ref)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 14
+    for name in grads:
+        assert relerr(grads[name], ref_grads[name]) < 1e-5, name
 
 
 def test_fully_shard_replicated_base_in_one_unit_shards_only_lora(one_rank_group):
@@ -492,7 +507,7 @@ def test_bench_distributed_smoke_runs_every_arm_on_1_and_2_processes(tmp_path):
 def test_bench_distributed_smoke_new_layouts_profile_the_best_and_check_gradients(tmp_path):
     """The fully_shard layouts beyond the default ones, ``--one-gpu-arms``, ``--profile-best`` and the gradient check."""
     out, prof = tmp_path / "bench.json", tmp_path / "profile.txt"
-    arms = ["fsdp2-keep-g2", "fsdp2-keep-g2-emb-cta", "fsdp2-keep-mp", "fsdp2-repl-1", "fsdp2-bwd2"]
+    arms = ["fsdp2-keep-g2", "fsdp2-keep-g2-emb-cta", "fsdp2-keep-mp", "fsdp2-repl-1", "fsdp2-g2-emb-lrepl"]
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--smoke", "--gpus", "1", "2", "--quant", "bf16", "--one-gpu-arms", "single",
          "--arms", *arms, "--profile-best", "--profile-gpus", "2", "--profile-out", str(prof), "--budget-s", "250",

@@ -4,8 +4,9 @@
 # `single` baselines of both bases, the denominators, plus three FSDP2 layouts without any
 # communication: FSDP2's own cost) and on 2 GPUs (DDP and every fastlora.fully_shard layout, arm by
 # arm for bf16 then NF4, most telling first; `--budget-s` skips the arms that would end too late),
-# the profile tables of torch's plain layout and of the fastest fastlora layout per base, then, in
-# the time left, the NCCL tests of the new fully_shard options. Everything under $OUT:
+# profile tables (`single` and torch's plain FSDP2 layout at 1 GPU, that layout and the fastest
+# fastlora layout per base at 2), then, in the time left, the NCCL tests of the new fully_shard
+# options. Everything under $OUT:
 # env.txt, bench.log, distributed.json, profile.txt, pytest.log.
 #   WHL: folder of the bitsandbytes wheel (default .whl/, or ../.whl/ from a staged copy);
 #   BUDGET_S: seconds for the benchmark (default 300); ITERS/WARMUP: timed/untimed steps per arm;
@@ -43,8 +44,8 @@ ARMS2="ddp fsdp2-torch fsdp2-keep fsdp2-lrepl fsdp2-keep-lrepl fsdp2-keep-g2 fsd
 # shellcheck disable=SC2086
 timeout "$(( ${BUDGET_S:-300} + 40 ))" python3 bench/bench_distributed.py --gpus 1 2 --layers 8 \
     --warmup "${WARMUP:-3}" --iters "${ITERS:-12}" --budget-s "${BUDGET_S:-300}" \
-    --one-gpu-arms single fsdp2-torch fsdp2-keep fsdp2-keep-g2 fsdp2-lrepl --arms $ARMS2 \
-    --profile fsdp2-torch --profile-gpus 2 --profile-best --profile-out "$OUT/profile.txt" \
+    --one-gpu-arms single fsdp2-torch fsdp2-keep fsdp2-lrepl --arms $ARMS2 \
+    --profile single fsdp2-torch --profile-gpus 1 2 --profile-best --profile-out "$OUT/profile.txt" \
     --json "$OUT/distributed.json" ${BENCH_EXTRA:-} 2>&1 | tee "$OUT/bench.log" | grep -v '^{' || rc=1
 echo "benchmark done at ${SECONDS} s" | tee -a "$OUT/env.txt"
 # The NCCL variants of the new options' tests, in what is left of ~400 s (the harness runs every

@@ -288,7 +288,14 @@ def profile_summary(prof, label: str, wall_ms: float, steps: int) -> list[str]:
 
     lines = [f"== {label}: step {wall_ms:.1f} ms wall (profiled; the profiler adds host time per op)"]
     events = list(prof.events())
-    kernels = [e for e in events if e.device_type != DeviceType.CPU and e.time_range.end > e.time_range.start]
+    # Device activity (kernels, copies), not the GPU projections of record_function ranges.
+    kernels = [
+        e
+        for e in events
+        if e.device_type != DeviceType.CPU
+        and not getattr(e, "is_user_annotation", False)
+        and e.time_range.end > e.time_range.start
+    ]
     if kernels:
         streams: dict[object, list] = {}
         for e in kernels:
@@ -304,16 +311,24 @@ def profile_summary(prof, label: str, wall_ms: float, steps: int) -> list[str]:
             nccl = sum("nccl" in e.name.lower() for e in evs)
             what = "compute" if sid == compute else ("NCCL" if nccl == len(evs) else f"{nccl} NCCL + copies")
             lines.append(f"   {sid!s:>8} {busy:>8.2f} {len(evs) // steps:>8}  {what}")
-        busy = _union_ms([(e.time_range.start, e.time_range.end) for e in streams[compute]]) / steps
+        spans = [(e.time_range.start, e.time_range.end) for e in streams[compute]]
+        nccl_spans = [(e.time_range.start, e.time_range.end) for e in kernels if "nccl" in e.name.lower()]
+        busy = _union_ms(spans) / steps
+        # Compute time with an NCCL kernel running beside it: where the SMs and HBM are shared.
+        shared = (_union_ms(spans) + _union_ms(nccl_spans) - _union_ms(spans + nccl_spans)) / steps
         copy_out = sum(e.time_range.elapsed_us() for e in streams[compute] if "split_with_sizes" in e.name) / 1e3
         lines.append(
             f"   compute stream idle {wall_ms - busy:.1f} ms of {wall_ms:.1f} (waits for collectives or the host); "
-            f"FSDP2 copy-out on it {copy_out / steps:.2f} ms"
+            f"busy beside NCCL kernels {shared:.1f} ms; FSDP2 copy-out on it {copy_out / steps:.2f} ms"
         )
     else:
         lines.append("   (no device events: CPU run)")
     top = sorted(
-        (e for e in prof.key_averages() if e.device_type != DeviceType.CPU and device_us(e) > 0),
+        (
+            e
+            for e in prof.key_averages()
+            if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False) and device_us(e) > 0
+        ),
         key=device_us,
         reverse=True,
     )[:12]

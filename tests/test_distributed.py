@@ -533,14 +533,54 @@ def test_bench_distributed_smoke_new_layouts_profile_the_best_and_check_gradient
     assert f"== {rerun[0]['arm']} bf16 x2 (best)" in text and "FSDP host work per step" in text
 
 
-def test_bench_deadline_skips_an_arm_that_would_end_past_it(one_rank_group):
+def _bench_module():
     import importlib
 
     sys.path.insert(0, str(BENCH.parent))
     try:
-        bench = importlib.import_module("bench_distributed")
+        return importlib.import_module("bench_distributed")
     finally:
         sys.path.remove(str(BENCH.parent))
+
+
+@pytest.mark.skipif(not BENCH.is_file(), reason="bench/ is not part of this checkout")
+def test_bench_profile_summary_splits_device_time_by_stream():
+    """The CUDA branch of the profile tables, on made-up events (CI has no GPU to profile)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    bench = _bench_module()
+
+    def ev(name, stream, start, end, device=DeviceType.CUDA, **kw):
+        return SimpleNamespace(
+            name=name, key=name, device_type=device, device_resource_id=stream, time_range=Interval(start, end),
+            cpu_time_total=end - start, count=1, self_device_time_total=end - start, **kw,
+        )  # fmt: skip
+
+    events = [
+        ev("nvjet_gemm", 7, 0, 4000),
+        ev("nvjet_gemm", 7, 3000, 6000),  # overlapping: 6 ms busy
+        ev("split_with_sizes_copy_kernel", 7, 7000, 8000),  # FSDP2's copy-out on the compute stream
+        ev("ncclDevKernel_AllGather", 20, 1000, 9000),
+        ev("FSDP::all_gather", 20, 0, 9000, is_user_annotation=True),  # a GPU range, not device work
+        ev("FSDP::pre_forward (model.layers.0)", None, 0, 500, device=DeviceType.CPU),
+        ev("FSDP::pre_forward (model.layers.1)", None, 600, 900, device=DeviceType.CPU),
+    ]
+    prof = SimpleNamespace(events=lambda: events, key_averages=lambda: events)
+    text = "\n".join(bench.profile_summary(prof, "arm bf16 x2", wall_ms=10.0, steps=1))
+    assert "compute stream idle 3.0 ms of 10.0" in text  # 7 ms busy (gemms + copy-out) of 10
+    assert "busy beside NCCL kernels 5.0 ms" in text  # gemms 1-6 ms and the copy-out 7-8 ms, NCCL 1-9 ms
+    assert "FSDP2 copy-out on it 1.00 ms" in text
+    assert "8.00        1  NCCL" in text
+    assert "FSDP::all_gather" not in text  # the annotation was not counted as a kernel
+    assert "FSDP::pre_forward" in text and "0.80" in text  # 2 calls, 0.8 ms of host time
+    assert bench._union_ms([(0, 4000), (3000, 6000), (7000, 8000)]) == 7.0
+
+
+def test_bench_deadline_skips_an_arm_that_would_end_past_it(one_rank_group):
+    bench = _bench_module()
     cpu = torch.device("cpu")
     assert bench.Deadline(None, cpu).allows()
     deadline = bench.Deadline(time.time() + 30, cpu)

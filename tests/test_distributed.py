@@ -571,7 +571,7 @@ def test_bench_profile_summary_splits_device_time_by_stream():
     prof = SimpleNamespace(events=lambda: events, key_averages=lambda: events)
     text = "\n".join(bench.profile_summary(prof, "arm bf16 x2", wall_ms=10.0, steps=1))
     assert "compute stream idle 3.0 ms of 10.0" in text  # 7 ms busy (gemms + copy-out) of 10
-    assert "busy beside NCCL kernels 5.0 ms" in text  # gemms 1-6 ms and the copy-out 7-8 ms, NCCL 1-9 ms
+    assert "busy beside NCCL kernels 6.0 ms" in text  # gemms 1-6 ms and the copy-out 7-8 ms, NCCL 1-9 ms
     assert "FSDP2 copy-out on it 1.00 ms" in text
     assert "8.00        1  NCCL" in text
     assert "FSDP::all_gather" not in text  # the annotation was not counted as a kernel

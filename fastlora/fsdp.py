@@ -58,8 +58,7 @@ def fully_shard(
     the decoder blocks as units of ``blocks_per_unit`` consecutive blocks, one unit for the input
     embeddings and one for the output head (when not tied: the head's all-gather is then prefetched
     during the last blocks instead of being part of the root's, before the first layer), then the
-    root. The LoRA parameters are always sharded (with their gradients and optimizer state); what
-    happens to the frozen base is ``base``:
+    root. What happens to the frozen base is ``base``:
 
     * ``"shard"``: sharded like any parameter and all-gathered around each unit's forward and
       backward. bitsandbytes 4-bit weights are shared as their packed bytes: they are first stored
@@ -75,9 +74,9 @@ def fully_shard(
 
     * ``"shard"``: sharded with their gradients and optimizer state; every unit reduce-scatters
       its LoRA gradients after its backward, and the next unit's backward waits for that.
-    * ``"replicate"``: whole on every rank, as under DDP (FSDP2 ignores them): their gradients are
-      averaged over the ranks by one flat all-reduce per backward, after it (~40 MB for r=16 on
-      all linears of Llama-8B). With ``base="shard"`` the units then hold only frozen weights:
+    * ``"replicate"``: whole on every rank, as under DDP (FSDP2 ignores them): rank 0's values are
+      broadcast to the others here, and their gradients are averaged over the ranks by one flat
+      all-reduce per backward, after it (~40 MB for r=16 on all linears of Llama-8B). With ``base="shard"`` the units then hold only frozen weights:
       FSDP2 all-gathers them and never reduce-scatters. LoRA and its AdamW state cost ~16 bytes
       per LoRA parameter per GPU instead of 16/N; each backward all-reduces, also under gradient
       accumulation.
@@ -186,16 +185,33 @@ def fully_shard(
 class _GradAverage:
     """Averages the gradients of ``params`` over ``group`` after each backward: one flat all-reduce per dtype.
 
-    DDP's job for parameters FSDP2 does not manage. Queued as an autograd-engine callback by the
-    first gradient to arrive, so it runs once per backward, after every gradient is accumulated.
-    A parameter without a gradient on this rank counts as zero and gets the average, so every rank
-    leaves backward with the same gradients. The hooks keep this object alive.
+    DDP's job for parameters FSDP2 does not manage, including DDP's start: rank 0's values are
+    broadcast first, so ranks that initialised LoRA with different seeds still train one model.
+    Queued as an autograd-engine callback by the first gradient to arrive, so it runs once per
+    backward, after every gradient is accumulated. A parameter without a gradient on this rank
+    counts as zero and gets the average, so every rank leaves backward with the same gradients.
+    The hooks keep this object alive.
     """
 
     def __init__(self, params: list[nn.Parameter], group: object | None) -> None:
+        import torch.distributed as dist
+
         self.params, self.group, self.queued = params, group, False
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        with torch.no_grad():
+            for same in self._by_dtype().values():
+                flat = torch.cat([p.reshape(-1) for p in same])
+                dist.broadcast(flat, src=src, group=group)
+                for p, value in zip(same, flat.split([p.numel() for p in same])):
+                    p.copy_(value.view_as(p))
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad)
+
+    def _by_dtype(self) -> dict[torch.dtype, list[nn.Parameter]]:
+        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in self.params:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        return by_dtype
 
     def _on_grad(self, _param: torch.Tensor) -> None:
         if not self.queued:
@@ -208,10 +224,7 @@ class _GradAverage:
 
         self.queued = False
         world = dist.get_world_size(self.group)
-        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-        for p in self.params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        for params in by_dtype.values():
+        for params in self._by_dtype().values():
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
             dist.all_reduce(flat, group=self.group)
             flat.div_(world)

@@ -201,9 +201,19 @@ def nonfloat_sharded(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if is_dtensor(p) and not p.is_floating_point()]
 
 
-def _fsdp(rank: int, out: Path, kind: str, tag: str, *, storage=torch.uint8, **fastlora_shard) -> dict:
-    """``fastlora_shard`` given: ``fastlora.fully_shard(model, **fastlora_shard)``; else torch's by hand."""
+def _fsdp(
+    rank: int, out: Path, kind: str, tag: str, *, storage=torch.uint8, other_init: bool = False, **fastlora_shard
+) -> dict:
+    """``fastlora_shard`` given: ``fastlora.fully_shard(model, **fastlora_shard)``; else torch's by hand.
+
+    ``other_init``: rank 1 draws its LoRA weights with another seed (fully_shard must make them rank 0's).
+    """
     model = build(kind, DEVICE, storage)
+    if other_init and rank == 1:
+        with torch.no_grad():
+            for layer in fastlora.lora_layers(model).values():
+                layer.lora_A.normal_()
+                layer.lora_B.normal_()
     seen = record_compute_weights(model)
     if fastlora_shard:
         fastlora.fully_shard(model, **fastlora_shard)
@@ -241,7 +251,8 @@ def scenario_fsdp_fp32_grouped(rank: int, out: Path) -> dict:
 
 def scenario_fsdp_fp32_replicated_lora(rank: int, out: Path) -> dict:
     # The base sharded, LoRA whole on every rank with its gradients all-reduced after backward.
-    return _fsdp(rank, out, "fp32", "fsdp_fp32_replicated_lora", lora="replicate")
+    # Rank 1 starts from other LoRA weights: fully_shard broadcasts rank 0's, as DDP does.
+    return _fsdp(rank, out, "fp32", "fsdp_fp32_replicated_lora", lora="replicate", other_init=True)
 
 
 def scenario_fsdp_nf4(rank: int, out: Path) -> dict:

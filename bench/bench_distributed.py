@@ -101,6 +101,11 @@ ARMS: dict[str, Arm] = {
     "fsdp2-lrepl": Arm("fastlora", dict(lora="replicate")),
     "fsdp2-keep-lrepl": Arm("fastlora", dict(reshard_after_forward=False, lora="replicate")),
     "fsdp2-g2-emb-lrepl": Arm("fastlora", dict(blocks_per_unit=2, keep_embeddings=True, lora="replicate")),
+    "fsdp2-keep-g2-emb-lrepl-cta": Arm(
+        "fastlora",
+        dict(reshard_after_forward=False, blocks_per_unit=2, keep_embeddings=True, lora="replicate"),
+        max_ctas=8,
+    ),
     "fsdp2-repl-1": Arm("fastlora", dict(base="replicate", blocks_per_unit=None, reshard_after_forward=False)),
 }
 # The first six: the arms of the first H200 runs (the default selection).

@@ -39,8 +39,8 @@ rc=0
 # embeddings: candidates for new defaults); then bf16 LoRA gathers, 4 blocks per unit, deeper
 # prefetch, replicate per block, bf16 reduction.
 ARMS2="ddp fsdp2-torch fsdp2-keep fsdp2-lrepl fsdp2-keep-lrepl fsdp2-keep-g2 fsdp2-keep-cta fsdp2-keep-emb
- fsdp2-repl-1 fsdp2-keep-g2-emb-cta fsdp2-g2-emb-lrepl fsdp2 fsdp2-g2 fsdp2-emb fsdp2-g2-emb fsdp2-keep-mp
- fsdp2-keep-g4 fsdp2-bwd2 fsdp2-repl fsdp2-keep-rs16"
+ fsdp2-repl-1 fsdp2-keep-g2-emb-cta fsdp2-g2-emb-lrepl fsdp2-keep-g2-emb-lrepl-cta fsdp2 fsdp2-g2 fsdp2-emb
+ fsdp2-g2-emb fsdp2-keep-mp fsdp2-keep-g4 fsdp2-bwd2 fsdp2-repl fsdp2-keep-rs16"
 # shellcheck disable=SC2086
 timeout "$(( ${BUDGET_S:-300} + 40 ))" python3 bench/bench_distributed.py --gpus 1 2 --layers 8 \
     --warmup "${WARMUP:-3}" --iters "${ITERS:-12}" --budget-s "${BUDGET_S:-300}" \

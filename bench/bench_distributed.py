@@ -511,6 +511,54 @@ def check_grad_norms(rows: list[dict]) -> list[str]:
     return notes
 
 
+# Candidate defaults of fastlora.fully_shard: the option and the arm that has it on top of `fsdp2`.
+DEFAULT_CANDIDATES = {
+    "blocks_per_unit=2": "fsdp2-g2",
+    "keep_embeddings=True": "fsdp2-emb",
+    "blocks_per_unit=2 + keep_embeddings=True": "fsdp2-g2-emb",
+    'lora="replicate"': "fsdp2-lrepl",
+}
+
+
+def summarize(rows: list[dict], gpus: int = 2, target: float = 0.85) -> list[str]:
+    """The fastest fastlora.fully_shard layouts at ``gpus`` against the target, and the defaults rule.
+
+    Rule (bench/NOTES.md): an option becomes a default when its arm beats ``fsdp2`` (the current
+    defaults) by >= 2 % on every base measured, at <= 1 GiB more peak memory per GPU.
+    """
+    ok = [r for r in rows if "error" not in r and r["gpus"] == gpus and not r.get("profile_rerun")]
+    lines = []
+    quants = sorted({r["quant"] for r in ok})
+    for quant in quants:
+        mine = sorted((r for r in ok if r["quant"] == quant and ARMS[r["arm"]].wrap == "fastlora"),
+                      key=lambda r: -r["tokens_per_s"])  # fmt: skip
+        for label, pool in (("sharded base", [r for r in mine if ARMS[r["arm"]].shard.get("base") != "replicate"]),
+                            ("any base", mine)):  # fmt: skip
+            if pool and pool[0].get("efficiency_vs_single") is not None:
+                best = pool[0]
+                eff = best["efficiency_vs_single"]
+                lines.append(
+                    f"best fastlora.fully_shard layout ({label}), {quant} x{gpus}: {best['arm']} "
+                    f"{eff:.1%} of {gpus} x single ({'meets' if eff >= target else 'misses'} {target:.0%}), "
+                    f"peak {best['peak_gib']:.2f} GiB"
+                )
+    by = {(r["arm"], r["quant"]): r for r in ok}
+    for option, arm in DEFAULT_CANDIDATES.items():
+        pairs = [(by.get((arm, q)), by.get(("fsdp2", q))) for q in quants]
+        if not pairs or any(a is None or b is None for a, b in pairs):
+            lines.append(f"default {option}: not decided ({arm} or fsdp2 missing)")
+            continue
+        gains = [a["tokens_per_s"] / b["tokens_per_s"] - 1 for a, b in pairs]
+        extra = max(a["peak_gib"] - b["peak_gib"] for a, b in pairs)
+        adopt = min(gains) >= 0.02 and extra <= 1.0
+        lines.append(
+            f"default {option}: {'ADOPT' if adopt else 'keep off'} ({arm} vs fsdp2: "
+            + ", ".join(f"{q} {g:+.1%}" for q, g in zip(quants, gains))
+            + f"; peak {extra:+.2f} GiB)"
+        )
+    return lines
+
+
 def table(rows: list[dict]) -> str:
     head = (
         f"{'arm':<22} {'base':<5} {'GPUs':>4} {'step ms':>8} {'host ms':>8} {'tok/s':>9} {'tok/s/GPU':>9} "
@@ -537,9 +585,10 @@ def write_report(args, rows: list[dict], t_start: float, final: bool) -> None:
     """Efficiencies, gradient check and ``--json`` for the rows so far (the table too when ``final``)."""
     add_efficiency(rows)
     notes = check_grad_norms(rows)
+    summary = summarize(rows)
     if final:
         print(table(rows))
-        print("\n".join(notes))
+        print("\n".join(notes + summary))
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0),
@@ -550,6 +599,7 @@ def write_report(args, rows: list[dict], t_start: float, final: bool) -> None:
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("worker", "out")},
         "arms": {name: dataclasses.asdict(spec) for name, spec in ARMS.items()},
         "grad_norm_check": notes,
+        "summary": summary,
         "wall_s": time.time() - t_start,
         "complete": final,
     }

@@ -578,6 +578,29 @@ def test_bench_profile_summary_splits_device_time_by_stream():
 
 
 @pytest.mark.skipif(not BENCH.is_file(), reason="bench/ is not part of this checkout")
+def test_bench_summary_names_the_best_layouts_and_applies_the_defaults_rule():
+    bench = _bench_module()
+
+    def row(arm, quant, gpus, tok, peak=10.0):
+        return dict(arm=arm, quant=quant, gpus=gpus, tokens_per_s=tok, peak_gib=peak)
+
+    rows = [row("single", q, 1, 100.0) for q in ("bf16", "nf4")]
+    rows += [row("fsdp2", q, 2, 150.0) for q in ("bf16", "nf4")]
+    rows += [row("fsdp2-g2", "bf16", 2, 160.0), row("fsdp2-g2", "nf4", 2, 151.0)]  # +6.7 %, +0.7 %: no
+    rows += [row("fsdp2-emb", q, 2, 156.0, peak=10.5) for q in ("bf16", "nf4")]  # +4 % on both: adopt
+    rows += [row("fsdp2-lrepl", q, 2, 160.0, peak=11.5) for q in ("bf16", "nf4")]  # +1.5 GiB: no
+    rows += [row("fsdp2-repl-1", "bf16", 2, 176.0), row("fsdp2-repl-1", "nf4", 2, 166.0)]
+    bench.add_efficiency(rows)
+    text = "\n".join(bench.summarize(rows))
+    assert "(sharded base), bf16 x2: fsdp2-g2 80.0% of 2 x single (misses 85%)" in text
+    assert "(any base), bf16 x2: fsdp2-repl-1 88.0% of 2 x single (meets 85%)" in text
+    assert "default blocks_per_unit=2: keep off (fsdp2-g2 vs fsdp2: bf16 +6.7%, nf4 +0.7%" in text
+    assert "default keep_embeddings=True: ADOPT" in text
+    assert 'default lora="replicate": keep off' in text and "peak +1.50 GiB" in text
+    assert "default blocks_per_unit=2 + keep_embeddings=True: not decided" in text
+
+
+@pytest.mark.skipif(not BENCH.is_file(), reason="bench/ is not part of this checkout")
 def test_bench_deadline_skips_an_arm_that_would_end_past_it(one_rank_group):
     bench = _bench_module()
     cpu = torch.device("cpu")

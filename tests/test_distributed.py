@@ -378,6 +378,17 @@ def _step(model: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
     return loss.item(), grads
 
 
+def _assert_steps_match(model: torch.nn.Module, ref: torch.nn.Module, steps: int) -> None:
+    """``steps`` forward/backward passes of the sharded ``model`` give the unsharded ``ref``'s loss and gradients."""
+    for _ in range(steps):
+        loss, grads = _step(model)
+        ref_loss, ref_grads = _step(ref)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 14 * len(ref.model.layers)
+    for name in grads:
+        assert relerr(grads[name], ref_grads[name]) < 1e-5, name
+
+
 def test_fully_shard_groups_blocks_into_units_with_prefetch_in_both_directions(one_rank_group):
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
@@ -395,13 +406,7 @@ def test_fully_shard_groups_blocks_into_units_with_prefetch_in_both_directions(o
     assert state[4]._states_to_forward_prefetch == [torch_fully_shard.state(head)]
     assert torch_fully_shard.state(head)._states_to_backward_prefetch == [state[4], state[2]]
     assert state[2]._states_to_backward_prefetch == [state[0]]
-    # Grouping changes the schedule only: the step is the unsharded model's.
-    loss, grads = _step(model)
-    ref_loss, ref_grads = _step(ref)
-    assert loss == pytest.approx(ref_loss, rel=1e-6)
-    assert grads.keys() == ref_grads.keys() and len(grads) == 5 * 14
-    for name in grads:
-        assert relerr(grads[name], ref_grads[name]) < 1e-5, name
+    _assert_steps_match(model, ref, steps=1)  # grouping changes the schedule only
 
 
 def test_fully_shard_keeps_the_embeddings_gathered_only_when_asked(one_rank_group):
@@ -422,13 +427,7 @@ def test_fully_shard_replicated_lora_leaves_fsdp2_only_the_frozen_base(one_rank_
     model = copy.deepcopy(ref)
     fastlora.fully_shard(model, lora="replicate")
     assert all(is_dtensor(p) != p.requires_grad for p in model.parameters())
-    for _ in range(2):  # the second backward accumulates into the averaged gradients of the first
-        loss, grads = _step(model)
-        ref_loss, ref_grads = _step(ref)
-    assert loss == pytest.approx(ref_loss, rel=1e-6)
-    assert grads.keys() == ref_grads.keys() and len(grads) == 2 * 14
-    for name in grads:
-        assert relerr(grads[name], ref_grads[name]) < 1e-5, name
+    _assert_steps_match(model, ref, steps=2)  # the second backward accumulates into the averaged first
 
 
 def test_fully_shard_replicated_base_in_one_unit_shards_only_lora(one_rank_group):

@@ -362,10 +362,16 @@ def test_fully_shard_finds_the_decoder_blocks_and_refuses_bad_input():
 
 @pytest.fixture
 def one_rank_group():
-    """A 1-process gloo group in this process (FSDP2 needs one), torn down after the test."""
+    """A 1-process gloo group in this process (FSDP2 needs one), torn down after the test; yields a CPU mesh.
+
+    The mesh is passed explicitly: FSDP2's default mesh takes the accelerator's device type, which
+    on a GPU machine would move these CPU models to the GPU.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        yield
+        yield init_device_mesh("cpu", (1,))
     finally:
         dist.destroy_process_group()
 
@@ -394,7 +400,7 @@ def test_fully_shard_groups_blocks_into_units_with_prefetch_in_both_directions(o
 
     ref = fastlora.patch(tiny_llama(0, num_hidden_layers=5).train(), r=4)
     model = copy.deepcopy(ref)
-    fastlora.fully_shard(model, blocks_per_unit=2, prefetch=1, backward_prefetch=2)
+    fastlora.fully_shard(model, mesh=one_rank_group, blocks_per_unit=2, prefetch=1, backward_prefetch=2)
     layers, head = model.model.layers, model.lm_head
     state = [torch_fully_shard.state(m) for m in layers]
     # Units of 2 consecutive blocks, the last one shorter: [0, 1], [2, 3], [4].
@@ -411,9 +417,9 @@ def test_fully_shard_groups_blocks_into_units_with_prefetch_in_both_directions(o
 
 def test_fully_shard_keeps_the_embeddings_gathered_only_when_asked(one_rank_group):
     kept = fastlora.patch(tiny_llama(0).train(), r=4)
-    fastlora.fully_shard(kept, keep_embeddings=True)
+    fastlora.fully_shard(kept, mesh=one_rank_group, keep_embeddings=True)
     default = fastlora.patch(tiny_llama(0).train(), r=4)
-    fastlora.fully_shard(default)
+    fastlora.fully_shard(default, mesh=one_rank_group)
     for model in (kept, default):
         for _ in range(2):
             _step(model)
@@ -425,7 +431,7 @@ def test_fully_shard_keeps_the_embeddings_gathered_only_when_asked(one_rank_grou
 def test_fully_shard_replicated_lora_leaves_fsdp2_only_the_frozen_base(one_rank_group):
     ref = fastlora.patch(tiny_llama(0).train(), r=4)
     model = copy.deepcopy(ref)
-    fastlora.fully_shard(model, lora="replicate")
+    fastlora.fully_shard(model, mesh=one_rank_group, lora="replicate")
     assert all(is_dtensor(p) != p.requires_grad for p in model.parameters())
     _assert_steps_match(model, ref, steps=2)  # the second backward accumulates into the averaged first
 
@@ -434,7 +440,9 @@ def test_fully_shard_replicated_base_in_one_unit_shards_only_lora(one_rank_group
     from torch.distributed.fsdp import fully_shard as torch_fully_shard
 
     model = fastlora.patch(tiny_llama(0).train(), r=4)
-    fastlora.fully_shard(model, base="replicate", blocks_per_unit=None, reshard_after_forward=False)
+    fastlora.fully_shard(
+        model, mesh=one_rank_group, base="replicate", blocks_per_unit=None, reshard_after_forward=False
+    )
     layers = model.model.layers
     assert torch_fully_shard.state(layers[0]) is torch_fully_shard.state(layers[1])
     # The embeddings and the head hold only frozen (ignored) parameters: no units of their own.

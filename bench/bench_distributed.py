@@ -561,20 +561,20 @@ def summarize(rows: list[dict], gpus: int = 2, target: float = 0.85) -> list[str
 
 def table(rows: list[dict]) -> str:
     head = (
-        f"{'arm':<22} {'base':<5} {'GPUs':>4} {'step ms':>8} {'host ms':>8} {'tok/s':>9} {'tok/s/GPU':>9} "
+        f"{'arm':<27} {'base':<5} {'GPUs':>4} {'step ms':>8} {'host ms':>8} {'tok/s':>9} {'tok/s/GPU':>9} "
         f"{'eff(arm)':>8} {'eff(1)':>7} {'peak GiB':>8} {'|grad|':>10}"
     )
     lines = [head, "-" * len(head)]
     order = {name: i for i, name in enumerate(ARMS)}
     for r in sorted(rows, key=lambda r: (str(r["quant"]), r["gpus"], order.get(r["arm"], -1))):
         if "error" in r:
-            lines.append(f"{r['arm']:<22} {r['quant']:<5} {r['gpus']:>4}  ERROR {r['error']}")
+            lines.append(f"{r['arm']:<27} {r['quant']:<5} {r['gpus']:>4}  ERROR {r['error']}")
             continue
         ea, e1 = r.get("efficiency_vs_arm_1gpu"), r.get("efficiency_vs_single")
         flag = "" if r.get("grad_norm_ok", True) else " !"
-        name = r["arm"] + (" (profiled re-run)" if r.get("profile_rerun") else "")
+        name = r["arm"] + (" (re-run)" if r.get("profile_rerun") else "")
         lines.append(
-            f"{name:<22} {r['quant']:<5} {r['gpus']:>4} {r['step_ms']:>8.1f} {r.get('host_ms', float('nan')):>8.1f} "
+            f"{name:<27} {r['quant']:<5} {r['gpus']:>4} {r['step_ms']:>8.1f} {r.get('host_ms', float('nan')):>8.1f} "
             f"{r['tokens_per_s']:>9.0f} {r['tokens_per_s_per_gpu']:>9.0f} {'' if ea is None else f'{ea:.0%}':>8} "
             f"{'' if e1 is None else f'{e1:.0%}':>7} {r['peak_gib']:>8.2f} {r['first_lora_grad_norm']:>10.4g}{flag}"
         )

@@ -3,7 +3,7 @@
 # staged copy of it), within ~400 s including the installs. bench_distributed.py on 1 GPU (the
 # `single` baselines of both bases, the denominators, plus three FSDP2 layouts without any
 # communication: FSDP2's own cost) and on 2 GPUs (DDP and every fastlora.fully_shard layout, arm by
-# arm for bf16 then NF4, most telling first; `--budget-s` skips the arms that would end too late),
+# arm, each for bf16 then NF4, most telling first; `--budget-s` skips the arms that would end too late),
 # profile tables (`single` and torch's plain FSDP2 layout at 1 GPU, that layout and the fastest
 # fastlora layout per base at 2), then, in the time left, the NCCL tests of the new fully_shard
 # options. Everything under $OUT:

@@ -201,9 +201,19 @@ def nonfloat_sharded(model: nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if is_dtensor(p) and not p.is_floating_point()]
 
 
-def _fsdp(rank: int, out: Path, kind: str, tag: str, *, storage=torch.uint8, **fastlora_shard) -> dict:
-    """``fastlora_shard`` given: ``fastlora.fully_shard(model, **fastlora_shard)``; else torch's by hand."""
+def _fsdp(
+    rank: int, out: Path, kind: str, tag: str, *, storage=torch.uint8, other_init: bool = False, **fastlora_shard
+) -> dict:
+    """``fastlora_shard`` given: ``fastlora.fully_shard(model, **fastlora_shard)``; else torch's by hand.
+
+    ``other_init``: rank 1 draws its LoRA weights with another seed (fully_shard must make them rank 0's).
+    """
     model = build(kind, DEVICE, storage)
+    if other_init and rank == 1:
+        with torch.no_grad():
+            for layer in fastlora.lora_layers(model).values():
+                layer.lora_A.normal_()
+                layer.lora_B.normal_()
     seen = record_compute_weights(model)
     if fastlora_shard:
         fastlora.fully_shard(model, **fastlora_shard)
@@ -215,10 +225,11 @@ def _fsdp(rank: int, out: Path, kind: str, tag: str, *, storage=torch.uint8, **f
     grads, losses = train(model, rank_ids(rank))
     some = next(iter(layers.values()))
     error = _error_of(lambda: some.dense_base_weight(torch.float32))
+    embed_sharded = is_dtensor(model.model.embed_tokens.weight)  # after the steps: kept whole or not
     fastlora.save_adapter(model, out / f"{tag}_adapter")  # on every rank: it all-gathers A and B
     return dict(
         grads=grads, losses=losses, params=lora_state(model), logits=probe_logits(model),
-        seen=seen, sharded=sharded, merge_error=error, nonfloat_sharded=nonfloat,
+        seen=seen, sharded=sharded, merge_error=error, nonfloat_sharded=nonfloat, embed_sharded=embed_sharded,
     )  # fmt: skip
 
 
@@ -229,6 +240,19 @@ def scenario_fsdp_fp32(rank: int, out: Path) -> dict:
 def scenario_fsdp_bf16(rank: int, out: Path) -> dict:
     # fastlora's helper, gathered weights kept from forward to backward.
     return _fsdp(rank, out, "bf16", "fsdp_bf16", base="shard", reshard_after_forward=False)
+
+
+def scenario_fsdp_fp32_grouped(rank: int, out: Path) -> dict:
+    # Both blocks one unit (a grouped fully_shard), two units of prefetch each way, embeddings kept.
+    return _fsdp(
+        rank, out, "fp32", "fsdp_fp32_grouped", blocks_per_unit=2, prefetch=2, backward_prefetch=2, keep_embeddings=True
+    )
+
+
+def scenario_fsdp_fp32_replicated_lora(rank: int, out: Path) -> dict:
+    # The base sharded, LoRA whole on every rank with its gradients all-reduced after backward.
+    # Rank 1 starts from other LoRA weights: fully_shard broadcasts rank 0's, as DDP does.
+    return _fsdp(rank, out, "fp32", "fsdp_fp32_replicated_lora", lora="replicate", other_init=True)
 
 
 def scenario_fsdp_nf4(rank: int, out: Path) -> dict:
@@ -244,6 +268,14 @@ def scenario_fsdp_nf4_helper(rank: int, out: Path) -> dict:
 def scenario_fsdp_nf4_replicated(rank: int, out: Path) -> dict:
     # The frozen base stays whole on every rank (FSDP2 ignored_params); only LoRA shards.
     return _fsdp(rank, out, "nf4", "fsdp_nf4_replicated", base="replicate")
+
+
+def scenario_fsdp_nf4_one_unit_replicated(rank: int, out: Path) -> dict:
+    # Replicated base, every LoRA parameter in one unit gathered once per step.
+    return _fsdp(
+        rank, out, "nf4", "fsdp_nf4_one_unit_replicated", base="replicate", blocks_per_unit=None,
+        reshard_after_forward=False,
+    )  # fmt: skip
 
 
 def lora_ga_batches(ids: torch.Tensor) -> list[dict[str, torch.Tensor]]:

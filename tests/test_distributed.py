@@ -35,12 +35,14 @@ import distributed_worker as w  # tests/ is on sys.path (pyproject: pythonpath)
 from helpers import quantize_model_bnb, relerr, tiny_llama
 
 import fastlora
+from fastlora._dist import is_dtensor
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
-NF4_SCENARIOS = ["fsdp_nf4", "fsdp_nf4_helper", "fsdp_nf4_replicated"]
-SCENARIOS = ["ddp", "fsdp_fp32", "fsdp_bf16", "lora_ga"] + (NF4_SCENARIOS if HAS_BNB else [])
-FSDP_KINDS = {"fsdp_fp32": "fp32", "fsdp_bf16": "bf16"} | dict.fromkeys(NF4_SCENARIOS, "nf4")
+NF4_SCENARIOS = ["fsdp_nf4", "fsdp_nf4_helper", "fsdp_nf4_replicated", "fsdp_nf4_one_unit_replicated"]
+FP32_SCENARIOS = ["fsdp_fp32", "fsdp_fp32_grouped", "fsdp_fp32_replicated_lora"]
+SCENARIOS = ["ddp", *FP32_SCENARIOS, "fsdp_bf16", "lora_ga"] + (NF4_SCENARIOS if HAS_BNB else [])
+FSDP_KINDS = dict.fromkeys(FP32_SCENARIOS, "fp32") | {"fsdp_bf16": "bf16"} | dict.fromkeys(NF4_SCENARIOS, "nf4")
 # A scenario that makes no progress for this long is declared hung (gloo's own timeout is 120 s).
 SCENARIO_TIMEOUT_S = 150
 # Gradient/parameter tolerances (relative Frobenius error): fp32 sums in another order; bf16
@@ -232,14 +234,19 @@ def test_fsdp_trains_like_single_process(run, scenario):
 @fsdp_scenarios
 def test_fsdp_shards_parameters_but_the_op_sees_whole_weights(run, scenario):
     res = _result(run, scenario)
-    replicated = scenario.endswith("replicated")
-    # Outside forward every LoRA parameter, and every base weight unless ignored, is a DTensor shard.
-    assert res["sharded"] and all(lora for _, lora in res["sharded"].values())
+    replicated, lora_replicated = scenario.endswith("replicated"), scenario.endswith("replicated_lora")
+    # Outside forward every LoRA parameter and every base weight, unless ignored, is a DTensor shard.
+    assert res["sharded"] and all(lora != lora_replicated for _, lora in res["sharded"].values())
     assert all(base != replicated for base, _ in res["sharded"].values())
     # Inside forward (STEPS train steps + 1 probe), the op got whole weights, equal to the originals.
     for name, calls in res["seen"].items():
         assert len(calls) == w.STEPS + 1, name
         assert all(calls), f"{name}: the LoRA op saw a sharded or changed weight"
+
+
+def test_fsdp_keep_embeddings_leaves_the_table_gathered_after_the_steps(run):
+    assert _result(run, "fsdp_fp32_grouped")["embed_sharded"] is False
+    assert _result(run, "fsdp_fp32")["embed_sharded"] is True
 
 
 @fsdp_scenarios
@@ -336,6 +343,113 @@ def test_fully_shard_finds_the_decoder_blocks_and_refuses_bad_input():
         fastlora.fully_shard(model, base="half")
     with pytest.raises(ValueError, match=r"pass blocks=\[\.\.\.\]"):
         fastlora.fully_shard(torch.nn.Sequential(model.model.layers[0]))
+    bad = [
+        (dict(blocks_per_unit=0), "blocks_per_unit must be an int >= 1"),
+        (dict(blocks_per_unit=True), "blocks_per_unit must be an int >= 1"),
+        (dict(blocks_per_unit=2.0), "blocks_per_unit must be an int >= 1"),
+        (dict(prefetch=-1), "prefetch must be an int >= 0"),
+        (dict(backward_prefetch="2"), "backward_prefetch must be an int >= 0"),
+        (dict(reshard_after_forward=0), "reshard_after_forward must be True, False or a number of ranks >= 1"),
+        (dict(reshard_after_forward="no"), "reshard_after_forward must be True, False or a number of ranks >= 1"),
+        (dict(lora="frozen"), "lora must be one of shard, replicate"),
+        (dict(base="replicate", lora="replicate"), "base='replicate' with lora='replicate' leaves nothing to shard"),
+    ]
+    for kwargs, message in bad:  # refused before anything is sharded (no process group needed)
+        with pytest.raises(ValueError, match=f"fastlora.fully_shard: {message}"):
+            fastlora.fully_shard(model, **kwargs)
+    assert not any(is_dtensor(p) for p in model.parameters())
+
+
+@pytest.fixture
+def one_rank_group():
+    """A 1-process gloo group in this process (FSDP2 needs one), torn down after the test; yields a CPU mesh.
+
+    The mesh is passed explicitly: FSDP2's default mesh takes the accelerator's device type, which
+    on a GPU machine would move these CPU models to the GPU.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _step(model: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
+    ids = torch.randint(0, w.VOCAB, (2, w.SEQ), generator=torch.Generator().manual_seed(3))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: w.full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), grads
+
+
+def _assert_steps_match(model: torch.nn.Module, ref: torch.nn.Module, steps: int) -> None:
+    """``steps`` forward/backward passes of the sharded ``model`` give the unsharded ``ref``'s loss and gradients."""
+    for _ in range(steps):
+        loss, grads = _step(model)
+        ref_loss, ref_grads = _step(ref)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 14 * len(ref.model.layers)
+    for name in grads:
+        assert relerr(grads[name], ref_grads[name]) < 1e-5, name
+
+
+def test_fully_shard_groups_blocks_into_units_with_prefetch_in_both_directions(one_rank_group):
+    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+
+    ref = fastlora.patch(tiny_llama(0, num_hidden_layers=5).train(), r=4)
+    model = copy.deepcopy(ref)
+    fastlora.fully_shard(model, mesh=one_rank_group, blocks_per_unit=2, prefetch=1, backward_prefetch=2)
+    layers, head = model.model.layers, model.lm_head
+    state = [torch_fully_shard.state(m) for m in layers]
+    # Units of 2 consecutive blocks, the last one shorter: [0, 1], [2, 3], [4].
+    assert state[0] is state[1] and state[2] is state[3]
+    assert len({id(state[0]), id(state[2]), id(state[4])}) == 3
+    # Forward: each unit all-gathers the next (the head after the last blocks); backward runs the
+    # units in reverse and gathers two ahead.
+    assert state[0]._states_to_forward_prefetch == [state[2]]
+    assert state[4]._states_to_forward_prefetch == [torch_fully_shard.state(head)]
+    assert torch_fully_shard.state(head)._states_to_backward_prefetch == [state[4], state[2]]
+    assert state[2]._states_to_backward_prefetch == [state[0]]
+    _assert_steps_match(model, ref, steps=1)  # grouping changes the schedule only
+
+
+def test_fully_shard_keeps_the_embeddings_gathered_only_when_asked(one_rank_group):
+    kept = fastlora.patch(tiny_llama(0).train(), r=4)
+    fastlora.fully_shard(kept, mesh=one_rank_group, keep_embeddings=True)
+    default = fastlora.patch(tiny_llama(0).train(), r=4)
+    fastlora.fully_shard(default, mesh=one_rank_group)
+    for model in (kept, default):
+        for _ in range(2):
+            _step(model)
+        assert is_dtensor(model.model.layers[0].self_attn.q_proj.base_layer.weight)  # blocks resharded
+    assert not is_dtensor(kept.model.embed_tokens.weight)  # still whole after the steps
+    assert is_dtensor(default.model.embed_tokens.weight)
+
+
+def test_fully_shard_replicated_lora_leaves_fsdp2_only_the_frozen_base(one_rank_group):
+    ref = fastlora.patch(tiny_llama(0).train(), r=4)
+    model = copy.deepcopy(ref)
+    fastlora.fully_shard(model, mesh=one_rank_group, lora="replicate")
+    assert all(is_dtensor(p) != p.requires_grad for p in model.parameters())
+    _assert_steps_match(model, ref, steps=2)  # the second backward accumulates into the averaged first
+
+
+def test_fully_shard_replicated_base_in_one_unit_shards_only_lora(one_rank_group):
+    from torch.distributed.fsdp import fully_shard as torch_fully_shard
+
+    model = fastlora.patch(tiny_llama(0).train(), r=4)
+    fastlora.fully_shard(
+        model, mesh=one_rank_group, base="replicate", blocks_per_unit=None, reshard_after_forward=False
+    )
+    layers = model.model.layers
+    assert torch_fully_shard.state(layers[0]) is torch_fully_shard.state(layers[1])
+    # The embeddings and the head hold only frozen (ignored) parameters: no units of their own.
+    for module in (model.model.embed_tokens, model.lm_head):
+        assert not any(is_dtensor(p) for p in module.parameters())
+        assert not isinstance(module, torch.distributed.fsdp.FSDPModule)
+    assert all(is_dtensor(p) == p.requires_grad for p in model.parameters())
 
 
 # -- the harness: a crash fails its own scenario only -------------------------------------------------
@@ -394,3 +508,113 @@ def test_bench_distributed_smoke_runs_every_arm_on_1_and_2_processes(tmp_path):
         for n in (1, 2):
             norms = [r["first_lora_grad_norm"] for r in rows if r["quant"] == q and r["gpus"] == n]
             assert max(norms) == pytest.approx(min(norms), rel=1e-5), (q, n, norms)
+
+
+@pytest.mark.skipif(not BENCH.is_file(), reason="bench/ is not part of this checkout")
+def test_bench_distributed_smoke_new_layouts_profile_the_best_and_check_gradients(tmp_path):
+    """The fully_shard layouts beyond the default ones, ``--profile-best`` and the gradient check (2 gloo ranks)."""
+    out, prof = tmp_path / "bench.json", tmp_path / "profile.txt"
+    arms = ["fsdp2-keep-g2-emb-cta", "fsdp2-keep-mp", "fsdp2-repl-1", "fsdp2-g2-emb-lrepl"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--gpus", "2", "--quant", "bf16", "--arms", *arms, "--profile-best",
+         "--profile-out", str(prof), "--budget-s", "250", "--json", str(out)],
+        cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = [r for r in data["rows"] if not r.get("profile_rerun")]
+    assert [r["arm"] for r in rows] == arms and all(r["gpus"] == 2 for r in rows)
+    for r in rows:
+        assert "error" not in r and r["grad_norm_ok"], r
+        assert 0 < r["host_ms"] <= r["step_ms"] * 1.01
+    exact = [r["first_lora_grad_norm"] for r in rows if r["arm"] != "fsdp2-keep-mp"]
+    assert max(exact) == pytest.approx(min(exact), rel=1e-5)
+    mp = next(r["first_lora_grad_norm"] for r in rows if r["arm"] == "fsdp2-keep-mp")
+    assert mp == pytest.approx(exact[0], rel=2e-2)  # bf16 LoRA gradients: close, not equal
+    assert mp != exact[0]  # ...and not the fp32 ones: the policy did apply
+    rerun = [r for r in data["rows"] if r.get("profile_rerun")]
+    assert len(rerun) == 1 and rerun[0]["arm"] in arms
+    text = prof.read_text()
+    assert f"== {rerun[0]['arm']} bf16 x2 (best)" in text and "FSDP host work per step" in text
+
+
+def _bench_module():
+    import importlib
+
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        return importlib.import_module("bench_distributed")
+    finally:
+        sys.path.remove(str(BENCH.parent))
+
+
+@pytest.mark.skipif(not BENCH.is_file(), reason="bench/ is not part of this checkout")
+def test_bench_profile_summary_splits_device_time_by_stream():
+    """The CUDA branch of the profile tables, on made-up events (CI has no GPU to profile)."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    bench = _bench_module()
+
+    def ev(name, stream, start, end, device=DeviceType.CUDA, **kw):
+        return SimpleNamespace(
+            name=name, key=name, device_type=device, device_resource_id=stream, time_range=Interval(start, end),
+            cpu_time_total=end - start, count=1, self_device_time_total=end - start, **kw,
+        )  # fmt: skip
+
+    events = [
+        ev("nvjet_gemm", 7, 0, 4000),
+        ev("nvjet_gemm", 7, 3000, 6000),  # overlapping: 6 ms busy
+        ev("split_with_sizes_copy_kernel", 7, 7000, 8000),  # FSDP2's copy-out on the compute stream
+        ev("ncclDevKernel_AllGather", 20, 1000, 9000),
+        ev("FSDP::all_gather", 20, 0, 9000, is_user_annotation=True),  # a GPU range, not device work
+        ev("FSDP::pre_forward (model.layers.0)", None, 0, 500, device=DeviceType.CPU),
+        ev("FSDP::pre_forward (model.layers.1)", None, 600, 900, device=DeviceType.CPU),
+    ]
+    prof = SimpleNamespace(events=lambda: events, key_averages=lambda: events)
+    text = "\n".join(bench.profile_summary(prof, "arm bf16 x2", wall_ms=10.0, steps=1))
+    assert "compute stream idle 3.0 ms of 10.0" in text  # 7 ms busy (gemms + copy-out) of 10
+    assert "busy beside NCCL kernels 6.0 ms" in text  # gemms 1-6 ms and the copy-out 7-8 ms, NCCL 1-9 ms
+    assert "FSDP2 copy-out on it 1.00 ms" in text
+    assert "8.00        1  NCCL" in text
+    assert "FSDP::all_gather" not in text  # the annotation was not counted as a kernel
+    assert "FSDP::pre_forward" in text and "0.80" in text  # 2 calls, 0.8 ms of host time
+    assert bench._union_ms([(0, 4000), (3000, 6000), (7000, 8000)]) == 7.0
+
+
+@pytest.mark.skipif(not BENCH.is_file(), reason="bench/ is not part of this checkout")
+def test_bench_summary_names_the_best_layouts_and_applies_the_defaults_rule():
+    bench = _bench_module()
+
+    def row(arm, quant, gpus, tok, peak=10.0):
+        return dict(arm=arm, quant=quant, gpus=gpus, tokens_per_s=tok, peak_gib=peak)
+
+    rows = [row("single", q, 1, 100.0) for q in ("bf16", "nf4")]
+    rows += [row("fsdp2", q, 2, 150.0) for q in ("bf16", "nf4")]
+    rows += [row("fsdp2-g2", "bf16", 2, 160.0), row("fsdp2-g2", "nf4", 2, 151.0)]  # +6.7 %, +0.7 %: no
+    rows += [row("fsdp2-emb", q, 2, 156.0, peak=10.5) for q in ("bf16", "nf4")]  # +4 % on both: adopt
+    rows += [row("fsdp2-lrepl", q, 2, 160.0, peak=11.5) for q in ("bf16", "nf4")]  # +1.5 GiB: no
+    rows += [row("fsdp2-repl-1", "bf16", 2, 176.0), row("fsdp2-repl-1", "nf4", 2, 166.0)]
+    bench.add_efficiency(rows)
+    text = "\n".join(bench.summarize(rows))
+    assert "(sharded base), bf16 x2: fsdp2-g2 80.0% of 2 x single (misses 85%)" in text
+    assert "(any base), bf16 x2: fsdp2-repl-1 88.0% of 2 x single (meets 85%)" in text
+    assert "default blocks_per_unit=2: keep off (fsdp2-g2 vs fsdp2: bf16 +6.7%, nf4 +0.7%" in text
+    assert "default keep_embeddings=True: ADOPT" in text
+    assert 'default lora="replicate": keep off' in text and "peak +1.50 GiB" in text
+    assert "default blocks_per_unit=2 + keep_embeddings=True: not decided" in text
+
+
+@pytest.mark.skipif(not BENCH.is_file(), reason="bench/ is not part of this checkout")
+def test_bench_deadline_skips_an_arm_that_would_end_past_it(one_rank_group):
+    bench = _bench_module()
+    cpu = torch.device("cpu")
+    assert bench.Deadline(None, cpu).allows()
+    deadline = bench.Deadline(time.time() + 30, cpu)
+    assert deadline.allows()  # nothing measured yet
+    deadline.took(10.0)
+    assert deadline.allows()
+    deadline.took(40.0)  # the next arm, estimated as long as the longest so far, would end too late
+    assert not deadline.allows()

@@ -246,3 +246,42 @@ def test_lora_layer_on_float_storage_equals_uint8_storage(backend, storage):
         outs.append((y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_lora_layer_caches_its_4bit_view_with_the_weight():
+    """LoraLinear builds the op's view of a bnb weight once per weight: the same object while the
+    Params4bit, its storage dtype and its state stay; a new one when any changes; dropped with the
+    weight (no old storage kept alive by the cache)."""
+    import gc
+    import weakref
+
+    from helpers import quantize_model_bnb
+
+    from fastlora import LoraLinear
+    from fastlora.layer import _QUANT_VIEWS
+
+    torch.manual_seed(0)
+    base = quantize_model_bnb(torch.nn.Sequential(torch.nn.Linear(64, 32)))[0]
+    layer = LoraLinear(base, r=4, lora_alpha=8)
+    first = layer.base_weight()
+    assert layer.base_weight() is first
+    x = torch.randn(3, 64)
+    y = layer(x)
+    assert layer.base_weight() is first
+
+    set_quant_storage(layer, torch.bfloat16)  # a new dtype view of the same bytes
+    second = layer.base_weight()
+    assert second is not first and torch.equal(second.packed, first.packed)
+    assert torch.equal(layer(x), y)
+
+    old = layer.base_layer.weight
+    other = quantize_model_bnb(torch.nn.Sequential(torch.nn.Linear(64, 32)))[0]
+    layer.base_layer.weight, layer.base_layer.quant_state = other.weight, other.weight.quant_state
+    third = layer.base_weight()
+    assert third is not second and not torch.equal(layer(x), y)
+    assert old in _QUANT_VIEWS and layer.base_layer.weight in _QUANT_VIEWS
+    old_ref = weakref.ref(old)
+    del old, first, second
+    gc.collect()
+    assert old_ref() is None  # the cache did not keep the replaced weight alive
+    assert layer.base_weight() is third

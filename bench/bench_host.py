@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import queued, sleep_cycles_per_ms
 
 K = N = 4096
 R, ALPHA = 16, 32.0
@@ -122,16 +123,6 @@ def _layers(base: str, m: int, p: float, peer: str | None, compiled: bool = Fals
     return arms
 
 
-def _sleep_cycles_per_ms() -> float:
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    torch.cuda.synchronize()
-    return 10_000_000 / start.elapsed_time(end)
-
-
 def measure(call, calls: int, cycles_per_ms: float) -> dict:
     """Host and GPU time per call of ``call`` (see the module docstring)."""
     for _ in range(5):  # warm-up (a compiled arm compiles and records its CUDA graphs here)
@@ -142,23 +133,14 @@ def measure(call, calls: int, cycles_per_ms: float) -> dict:
     call()
     torch.cuda.synchronize()
     one = (time.perf_counter() - t) * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda._sleep(int(cycles_per_ms * (3 * one * calls + 20)))
-    start.record()
-    t = time.perf_counter()
-    for _ in range(calls):
-        call()
-    host = time.perf_counter() - t
-    end.record()
-    torch.cuda.synchronize()
-    gpu_ms = start.elapsed_time(end)
+    host_ms, gpu_ms = queued(call, calls, one, cycles_per_ms)
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         call()
         torch.cuda.synchronize()
     kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
-    return dict(host_us=host / calls * 1e6, gpu_us=gpu_ms / calls * 1e3, kernels=kernels)
+    return dict(host_us=host_ms * 1e3, gpu_us=gpu_ms * 1e3, kernels=kernels)
 
 
 def cprofile(call, calls: int = 50) -> str:
@@ -201,7 +183,7 @@ def main(argv=None) -> int:
         K=K, N=N, r=R, alpha=ALPHA, calls=args.calls,
     )  # fmt: skip
     print(json.dumps(meta), flush=True)
-    cpm = _sleep_cycles_per_ms()
+    cpm = sleep_cycles_per_ms()
     rows = []
     for base in args.bases:
         for p in args.dropouts:

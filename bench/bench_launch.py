@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from common import queued, sleep_cycles_per_ms
 
 K = N = 4096
 
@@ -41,16 +42,6 @@ def _empty_kernel(q, a, a2, c2, o, out, s, n, k, NESTED: tl.constexpr, BS: tl.co
     pass
 
 
-def _sleep_cycles_per_ms() -> float:
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    torch.cuda.synchronize()
-    return 10_000_000 / start.elapsed_time(end)
-
-
 def host_us(call, calls: int, cpm: float) -> float:
     for _ in range(5):
         call()
@@ -58,14 +49,7 @@ def host_us(call, calls: int, cpm: float) -> float:
     t = time.perf_counter()
     call()
     torch.cuda.synchronize()
-    one = time.perf_counter() - t
-    torch.cuda._sleep(int(cpm * (3e3 * one * calls + 20)))
-    t = time.perf_counter()
-    for _ in range(calls):
-        call()
-    host = time.perf_counter() - t
-    torch.cuda.synchronize()
-    return host / calls * 1e6
+    return queued(call, calls, (time.perf_counter() - t) * 1e3, cpm)[0] * 1e3
 
 
 def items():
@@ -145,7 +129,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_launch: needs a CUDA GPU", file=sys.stderr)
         return 2
-    cpm = _sleep_cycles_per_ms()
+    cpm = sleep_cycles_per_ms()
     meta = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, calls=args.calls,

@@ -6,6 +6,7 @@ Imported by the scripts in bench/ (``python bench/<script>.py`` puts this folder
 from __future__ import annotations
 
 import gc
+import time
 
 import torch
 
@@ -86,3 +87,31 @@ def fresh(device: torch.device) -> int:
 def peak_gib(device: torch.device, base: int = 0) -> float:
     """Peak allocated GiB since the last :func:`fresh`, minus ``base`` bytes (0.0 on the CPU)."""
     return (torch.cuda.max_memory_allocated(device) - base) / GIB if device.type == "cuda" else 0.0
+
+
+def sleep_cycles_per_ms() -> float:
+    """GPU clock cycles of ``torch.cuda._sleep`` per millisecond on this GPU (measured)."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    torch.cuda.synchronize()
+    return 10_000_000 / start.elapsed_time(end)
+
+
+def queued(call, calls: int, one_ms: float, cycles_per_ms: float) -> tuple[float, float]:
+    """``(host_ms, gpu_ms)`` per call of ``calls`` calls queued behind a GPU sleep longer than the host
+    needs to issue them (``one_ms``: a synchronised call's wall time), so the host never waits on the
+    GPU: host = the Python loop's wall time (what the CPU spends), GPU = CUDA events from the end of
+    the sleep (the kernels back to back)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(cycles_per_ms * (3 * one_ms * calls + 50)))
+    start.record()
+    t = time.perf_counter()
+    for _ in range(calls):
+        call()
+    host = time.perf_counter() - t
+    end.record()
+    end.synchronize()
+    return host / calls * 1e3, start.elapsed_time(end) / calls

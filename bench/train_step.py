@@ -48,7 +48,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from common import quantize_linears, token_batches
+from common import quantize_linears, queued, sleep_cycles_per_ms, token_batches
 
 import fastlora
 
@@ -244,26 +244,12 @@ def step_fn(model, opt, losses: list[float], keep: int):
 
 
 def host_and_gpu_ms(step, batches, med_s: float, n: int = 3) -> dict:
-    """Host and GPU time of a step, apart: ``n`` steps queued behind a GPU sleep longer than the host
-    needs to issue them (so the host never waits on the GPU), timed on the host clock (``host_ms``,
-    what the CPU spends per step) and by CUDA events from the end of the sleep (``gpu_ms``, the
-    kernels back to back). A step is host-bound where host_ms > gpu_ms."""
+    """Host and GPU time of a step, apart (``common.queued``: ``n`` steps behind a GPU sleep). A step
+    is host-bound where host_ms > gpu_ms."""
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    end.synchronize()
-    cycles_per_ms = 10_000_000 / start.elapsed_time(end)
-    torch.cuda._sleep(int(cycles_per_ms * (3e3 * med_s * n + 50)))
-    start.record()
-    t = time.perf_counter()
-    for i in range(n):
-        step(batches[i % len(batches)])
-    host = time.perf_counter() - t
-    end.record()
-    end.synchronize()
-    return {"host_ms": host / n * 1e3, "gpu_ms": start.elapsed_time(end) / n}
+    it = iter(range(n))
+    host, gpu = queued(lambda: step(batches[next(it) % len(batches)]), n, med_s * 1e3, sleep_cycles_per_ms())
+    return {"host_ms": host, "gpu_ms": gpu}
 
 
 def profile_step(step, batch, path: Path) -> None:

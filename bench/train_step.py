@@ -48,7 +48,7 @@ import zlib
 from pathlib import Path
 
 import torch
-from common import quantize_linears, queued, sleep_cycles_per_ms, token_batches
+from common import quantize_linears, token_batches
 
 import fastlora
 
@@ -243,15 +243,6 @@ def step_fn(model, opt, losses: list[float], keep: int):
     return step
 
 
-def host_and_gpu_ms(step, batches, med_s: float, n: int = 3) -> dict:
-    """Host and GPU time of a step, apart (``common.queued``: ``n`` steps behind a GPU sleep). A step
-    is host-bound where host_ms > gpu_ms."""
-    torch.cuda.synchronize()
-    it = iter(range(n))
-    host, gpu = queued(lambda: step(batches[next(it) % len(batches)]), n, med_s * 1e3, sleep_cycles_per_ms())
-    return {"host_ms": host, "gpu_ms": gpu}
-
-
 def profile_step(step, batch, path: Path) -> None:
     """One step under ``torch.profiler`` (CPU + CUDA): the ops by self CPU time and the CUDA kernel count
     (where the host time of an eager step goes), written to ``path``."""
@@ -300,7 +291,6 @@ def run_arm(label, build, batches, args, checkpointing: bool = False, compile_mo
             with Timer(cuda) as t:
                 step(batches[(args.warmup + i) % len(batches)])
             times.append(t.seconds)
-        host_gpu = host_and_gpu_ms(step, batches, med_s=statistics.median(times)) if cuda else {}
         if args.profile is not None:
             profile_step(step, batches[0], args.profile / f"profile_{label}{'_ckpt' if checkpointing else ''}.txt")
     except Exception as exc:  # report a failing arm (e.g. a compile error) and keep the others
@@ -320,7 +310,6 @@ def run_arm(label, build, batches, args, checkpointing: bool = False, compile_mo
         "peak_gib": (peak - base_mem) / GIB,
         "peak_act_gib": (peak - built_mem) / GIB,
         "wall_s": time.perf_counter() - t0,
-        **host_gpu,
         "trainable": sum(p.numel() for p in params),
     }
 
@@ -437,9 +426,6 @@ def merge_rounds(rows: list[dict]) -> list[dict]:
         tps = sorted(r["tokens_per_s"] for r in runs)
         merged = dict(runs[0], tokens_per_s=statistics.median(tps), tps_rounds=tps)
         merged.update(peak_gib=max(r["peak_gib"] for r in runs), peak_act_gib=max(r["peak_act_gib"] for r in runs))
-        for k in ("host_ms", "gpu_ms"):
-            if all(k in r for r in runs):
-                merged[k] = statistics.median(r[k] for r in runs)
         out.append(merged)
     return out
 
@@ -474,8 +460,6 @@ def print_table(results: dict, args) -> int:
             spread = (
                 f"  rounds {min(r['tps_rounds']):.0f}-{max(r['tps_rounds']):.0f}" if len(r["tps_rounds"]) > 1 else ""
             )
-            if "host_ms" in r:
-                spread += f"  host {r['host_ms']:.0f} ms / GPU {r['gpu_ms']:.0f} ms per step"
             print(
                 f"{pre} {r['tokens_per_s']:9.0f} {r['peak_gib']:9.2f} {r['peak_act_gib']:8.2f}"
                 f" {ratio('tokens_per_s'):8.2f} {ratio('peak_gib'):7.2f} {ratio('peak_act_gib'):6.2f}  {losses}{spread}"

@@ -34,7 +34,9 @@ from ..patching import TargetSpec
 from .accumulators import DenseAccumulator, GradientAccumulator, HostAccumulator
 from .offload import BlockOffloader, OffloadPlan, resolve_offload
 from .sketch import (
+    AUTO_ENERGY_TOLERANCE,
     AUTO_ERROR_THRESHOLD,
+    AUTO_MAX_PASSES,
     PROBES,
     RangeAccumulator,
     SketchAccumulator,
@@ -376,6 +378,7 @@ def estimate_gradient(
     blocks: Sequence[nn.Module] | Sequence[str] | None = None,
     sketch: int | str | None = None,
     passes: int | str = "auto",
+    max_passes: int = AUTO_MAX_PASSES,
     seed: int = 0,
 ) -> GradientEstimate | SketchedGradient:
     """Average the full-weight gradient of every target linear layer over ``iters`` batches.
@@ -409,10 +412,16 @@ def estimate_gradient(
         sketch: ``None`` (the dense estimate), or a randomized sketch of width ``k`` per layer (an int,
             or ``"auto"``: from each LoRA layer's rank) that yields only the top singular triplets,
             in ``O((out+in)·k)`` memory per layer (:mod:`fastlora.lora_ga.sketch`).
-        passes: with ``sketch``: ``"auto"`` (default: one pass, and a second one over the data only
-            when the first pass's a-posteriori error estimate says its leading triplets are
-            unreliable), 1, or 2 (always two). A second pass needs re-iterable ``data`` (a list, a
-            DataLoader); with a one-shot iterator ``"auto"`` keeps the single pass and warns.
+        passes: with ``sketch``: ``"auto"`` (default), or an int ``N``: exactly ``N`` passes over the
+            data -- 1: the single-pass reconstruction; 2: one projection pass (a power iteration);
+            each further pass one more subspace iteration. ``"auto"`` stops after the first pass
+            when its a-posteriori error estimate says the leading triplets are reliable (gradients
+            with structure), else runs projection passes until the top-2r energy of all layers
+            rises by at most ``AUTO_ENERGY_TOLERANCE`` (2 %) from one pass to the next (so at least
+            3 passes on a flat spectrum), at most ``max_passes``, and warns if it had not settled
+            by then. More than one pass needs re-iterable ``data`` (a list, a DataLoader); with a
+            one-shot iterator ``"auto"`` keeps the single pass and warns.
+        max_passes: the most passes ``passes="auto"`` takes (default 4).
         seed: seed of the sketch's random test matrices (must be the same on every rank).
 
     Returns:
@@ -431,10 +440,12 @@ def estimate_gradient(
     _check_data(data)
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
         raise ValueError(f"{_WHO}: iters must be a positive int, got {iters!r}")
-    if passes not in (1, 2, "auto") or isinstance(passes, bool):
-        raise ValueError(f"{_WHO}: passes must be 'auto', 1 or 2, got {passes!r}")
-    if sketch is None and passes == 2:
-        raise ValueError(f"{_WHO}: passes=2 is for sketch=...; the dense estimate is exact in one pass")
+    if passes != "auto" and (not isinstance(passes, int) or isinstance(passes, bool) or passes < 1):
+        raise ValueError(f"{_WHO}: passes must be 'auto' or an int >= 1, got {passes!r}")
+    if not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1:
+        raise ValueError(f"{_WHO}: max_passes must be an int >= 1, got {max_passes!r}")
+    if sketch is None and passes not in (1, "auto"):
+        raise ValueError(f"{_WHO}: passes={passes} is for sketch=...; the dense estimate is exact in one pass")
     if sketch is not None and accumulator is not None:
         raise ValueError(f"{_WHO}: accumulator= and sketch= both choose what is accumulated; pass one of them")
     if accumulator is not None and offload == "cpu":
@@ -447,9 +458,9 @@ def estimate_gradient(
     if not targets:
         raise ValueError(f"{_WHO}: no target layer (no linear layer matched target_modules)")
     ks = sketch_widths(sketch, targets) if sketch is not None else None
-    if passes == 2 and iter(data) is data:
+    if passes != "auto" and passes > 1 and iter(data) is data:
         raise ValueError(
-            f"{_WHO}: passes=2 goes over the data twice; pass a re-iterable (a list, a DataLoader without "
+            f"{_WHO}: passes={passes} goes over the data {passes} times; pass a re-iterable (a list, a DataLoader without "
             "shuffling), not an iterator or generator"
         )
     shapes = target_shapes(targets)
@@ -470,7 +481,9 @@ def estimate_gradient(
         finally:
             if own:
                 accumulator.close()
-    return _estimate_sketched(model, data, shapes, ks, passes=passes, seed=seed, dtype=dtype, run=run)
+    return _estimate_sketched(
+        model, data, shapes, ks, passes=passes, max_passes=max_passes, seed=seed, dtype=dtype, run=run
+    )
 
 
 def _estimate_sketched(
@@ -480,52 +493,84 @@ def _estimate_sketched(
     ks: dict[str, int],
     *,
     passes: int | str,
+    max_passes: int,
     seed: int,
     dtype: torch.dtype,
     run: _PassSettings,
 ) -> SketchedGradient:
-    """The sketched estimate: one pass, and a second one when ``passes`` asks for it (see the
-    module docstring of :mod:`fastlora.lora_ga.sketch`)."""
+    """The sketched estimate: the single-pass sketch, then as many projection passes (subspace
+    iterations) as ``passes`` asks for or, with ``"auto"``, as the top-2r energy needs to settle
+    (see the module docstring of :mod:`fastlora.lora_ga.sketch`)."""
     targets = run.targets
     devices = run.plan.sum_devices(targets)
+    top = leading_ranks(targets, ks)
+    auto = passes == "auto"
     first = SketchAccumulator(
-        shapes, ks, seed=seed, devices=devices, dtype=dtype, reconstruct=passes != 2, probes=PROBES,
-        top=leading_ranks(targets, ks),
+        shapes, ks, seed=seed, devices=devices, dtype=dtype, reconstruct=auto or passes == 1, probes=PROBES, top=top,
     )  # fmt: skip
     n = _run_pass(model, data, first, run)
     factors = first.result(n)
     errors = first.errors
-    if passes == "auto":
+    dist = _dist_world()
+    limit = max_passes if auto else int(passes)
+    if auto:
         worst = max(errors, key=errors.get)
-        dist = _dist_world()
         # every rank computed the same errors from the same sums; agree on the decision all the same,
-        # and skip the second pass everywhere if any rank's data cannot be read twice
+        # and stay single-pass everywhere if any rank's data cannot be read twice
         again, one_shot = _global_count(dist, [int(errors[worst] > AUTO_ERROR_THRESHOLD), int(iter(data) is data)])
-        if again and one_shot:
+        if again and one_shot and limit > 1:
             warnings.warn(
                 f"{_WHO}: the single-pass sketch of layer {worst!r} has an estimated relative error of "
                 f"{errors[worst]:.2f} (> {AUTO_ERROR_THRESHOLD}), so its leading singular vectors are unreliable "
-                "and the LoRA-GA init may align worse with full fine-tuning than the exact one; a second pass "
+                "and the LoRA-GA init may align worse with full fine-tuning than the exact one; more passes "
                 "would fix it but data is a one-shot iterator: pass a list or a DataLoader",
                 stacklevel=3,
             )
-            again = 0
-        if not again:
-            return SketchedGradient(factors, n, 1, first.sizes, errors)
-    elif passes == 1:
-        return SketchedGradient(factors, n, 1, first.sizes, errors)
-    bases = first.corange_bases()
-    sizes = {name: (first.sizes[name][0], bases[name].shape[1]) for name in shapes}
-    dist = _dist_world()
-    if dist is not None:  # every rank must multiply by the very same basis
-        for P in bases.values():
-            _collective(dist, P, "broadcast")
+        if not again or one_shot:
+            limit = 1
+    sizes = dict(first.sizes)
+    if limit == 1:
+        return SketchedGradient(factors, n, 1, sizes, errors)
+    bases, side = first.corange_bases(), "right"
+    sizes = {name: (sizes[name][0], bases[name].shape[1]) for name in shapes}
     del first, factors
-    second = RangeAccumulator(shapes, bases, devices=devices, dtype=dtype)
-    n2 = _run_pass(model, data, second, run, desc="fastlora: estimating gradients (second sketch pass)")
-    if n2 != n:
-        raise ValueError(
-            f"{_WHO}: the second sketch pass saw {n2} batches, the first {n}; the data must yield the same "
-            "batches twice (a DataLoader without shuffling and without drop_last randomness)"
+    energies: list[float] = []
+    taken = 1
+    while taken < limit:
+        if dist is not None:  # every rank must multiply by the very same basis
+            for P in bases.values():
+                _collective(dist, P, "broadcast")
+        acc = RangeAccumulator(shapes, bases, side=side, devices=devices, dtype=dtype, top=top)
+        del bases
+        where = f"up to {limit}" if auto else f"of {limit}"
+        n2 = _run_pass(model, data, acc, run, desc=f"fastlora: estimating gradients (sketch pass {taken + 1} {where})")
+        taken += 1
+        if n2 != n:
+            raise ValueError(
+                f"{_WHO}: sketch pass {taken} saw {n2} batches, the first {n}; the data must yield the same "
+                "batches on every pass (a DataLoader without shuffling and without drop_last randomness)"
+            )
+        factors = acc.result(n)
+        energies.append(sum(acc.energies.values()))
+        if auto and len(energies) >= 2 and _energy_change(energies) <= AUTO_ENERGY_TOLERANCE:
+            break
+        if taken < limit:
+            bases, side = acc.next_bases(), "left" if side == "right" else "right"
+        del acc
+    if auto and len(energies) >= 2 and _energy_change(energies) > AUTO_ENERGY_TOLERANCE:
+        k = max(ks.values())
+        warnings.warn(
+            f"{_WHO}: passes='auto' stopped at max_passes={limit} before the sketch converged: the top-2r "
+            f"gradient energy of all {len(shapes)} layers still rose by {_energy_change(energies):.1%} in the last "
+            f"pass (tolerance {AUTO_ENERGY_TOLERANCE:.0%}), so the LoRA-GA init may align less with full "
+            f"fine-tuning than the exact one. Allow more passes (max_passes={limit + 2}, or passes={limit + 2}), "
+            f"widen the sketch (sketch={2 * k}), or estimate exactly (sketch=None)",
+            stacklevel=3,
         )
-    return SketchedGradient(second.result(n2), n2, 2, sizes, errors)
+    return SketchedGradient(factors, n, taken, sizes, errors, energies)
+
+
+def _energy_change(energies: list[float]) -> float:
+    """Relative rise of the model-wide top-2r energy in the last pass."""
+    last, before = energies[-1], energies[-2]
+    return (last - before) / max(abs(last), torch.finfo(torch.float64).tiny)

@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -68,7 +68,9 @@ from .accumulators import GradientAccumulator
 from .products import mm_wide
 
 __all__ = [
+    "AUTO_ENERGY_TOLERANCE",
     "AUTO_ERROR_THRESHOLD",
+    "AUTO_MAX_PASSES",
     "PROBES",
     "LowRankGradient",
     "RangeAccumulator",
@@ -89,8 +91,12 @@ AUTO_OVERSAMPLE_FRACTION = 1.0
 AUTO_MIN_OVERSAMPLE = 16
 # Probes of the a-posteriori error estimate (Tropp et al. 2017 §6 use q = 10).
 PROBES = 10
-# passes="auto" takes the second pass when a layer's estimated ‖A − Â‖² / Σ_{i≤top} Ŝᵢ² exceeds this.
+# passes="auto" goes on past the first pass when a layer's estimated ‖A − Â‖² / Σ_{i≤top} Ŝᵢ² exceeds this.
 AUTO_ERROR_THRESHOLD = 0.2
+# ... and then stops once the model-wide top-2r energy of a projection pass rose by at most this
+# fraction over the previous pass's (bench/NOTES.md, "passes='auto'"), or at max_passes.
+AUTO_ENERGY_TOLERANCE = 0.02
+AUTO_MAX_PASSES = 4
 
 
 def auto_sketch_size(r: int) -> int:
@@ -171,10 +177,14 @@ class SketchedGradient(Mapping[str, LowRankGradient]):
 
     Attributes:
         num_batches: batches averaged (over all ranks when distributed).
-        passes: 1 (single-pass reconstruction) or 2 (second pass over the data).
-        sizes: ``{name: (k, l)}``, the range and co-range sketch widths used per layer.
+        passes: passes taken over the data: 1 (the single-pass reconstruction) or more (projection
+            passes, one subspace iteration each).
+        sizes: ``{name: (k, q)}``: the range-sketch width, and the co-range width (one pass) or
+            the projection passes' basis width.
         errors: ``{name: ε}``, the first pass's a-posteriori estimate of ``‖G − Ĝ‖²_F / Σ Ŝᵢ²`` over
             the leading triplets that matter (see the module docstring); empty without probes.
+        energies: the model-wide energy ``Σ_layers Σ_{i≤2r} Sᵢ²`` after each projection pass (the
+            second on; empty for one pass): what ``passes="auto"`` watches settle.
     """
 
     def __init__(
@@ -184,12 +194,14 @@ class SketchedGradient(Mapping[str, LowRankGradient]):
         passes: int,
         sizes: dict[str, tuple[int, int]],
         errors: Mapping[str, float] | None = None,
+        energies: Sequence[float] = (),
     ) -> None:
         self._factors = dict(factors)
         self.num_batches = int(num_batches)
         self.passes = passes
         self.sizes = dict(sizes)
         self.errors = dict(errors or {})
+        self.energies = list(energies)
 
     def __getitem__(self, name: str) -> LowRankGradient:
         return self._factors[name]
@@ -206,7 +218,7 @@ class SketchedGradient(Mapping[str, LowRankGradient]):
     def to(self, device: torch.device | str) -> SketchedGradient:
         """A copy with every factor on ``device``."""
         factors = {k: v.to(device) for k, v in self._factors.items()}
-        return SketchedGradient(factors, self.num_batches, self.passes, self.sizes, self.errors)
+        return SketchedGradient(factors, self.num_batches, self.passes, self.sizes, self.errors, self.energies)
 
 
 # -- test matrices and products ----------------------------------------------------------------------------
@@ -406,10 +418,18 @@ class SketchAccumulator(GradientAccumulator):
 
 
 class RangeAccumulator(GradientAccumulator):
-    """The second pass: ``Y₂ = A·P`` per layer for given orthonormal ``P [N, q]`` (exact products;
-    ``P`` is fp32 and multiplies half-precision activations as a hi/lo pair, see :func:`mm_wide`).
+    """A projection pass (the second and later passes): per layer the exact product of the sketched
+    matrix ``A`` with a given orthonormal basis -- ``Y = A·P`` (``side="right"``, ``P [N, q]``) or
+    ``Z = Qᵀ·A`` (``side="left"``, ``Q [M, q]``). The bases are fp32 and multiply half-precision
+    activations as a hi/lo pair (see :func:`mm_wide`).
 
-    ``result`` is the SVD of ``G·P·Pᵀ``, see the module docstring.
+    ``result`` is the SVD of the projection ``A·P·Pᵀ`` (or ``Q·Qᵀ·A``), see the module docstring;
+    :meth:`next_bases` gives the next pass's bases (the other side: one subspace iteration per pass).
+
+    Attributes:
+        energies: filled by :meth:`result`: ``{name: Σ_{i≤t} Sᵢ²}`` of the averaged gradient's
+            projection over the leading ``top`` triplets (all of them without ``top``), the energy
+            LoRA-GA's directions capture; it rises toward the exact value from pass to pass.
     """
 
     def __init__(
@@ -417,31 +437,42 @@ class RangeAccumulator(GradientAccumulator):
         shapes: Mapping[str, tuple[int, int]],
         bases: Mapping[str, torch.Tensor],
         *,
+        side: str = "right",
         devices: Mapping[str, torch.device] | torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        top: int | Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(shapes)
+        if side not in ("right", "left"):
+            raise ValueError(f"fastlora: side must be 'right' or 'left', got {side!r}")
+        self.side = side
         self.dtype = dtype
+        self.top = dict(top) if isinstance(top, Mapping) else dict.fromkeys(self.shapes, top)
+        self.energies: dict[str, float] = {}
         self.layers: dict[str, _Layer] = {}
         self.bases: dict[str, torch.Tensor] = {}
         for name, (m, n) in self.shapes.items():
             lay = _Layer(m, n)
             P = bases[name]
-            if P.shape[0] != lay.N:
-                raise ValueError(f"fastlora: basis of {name!r} has {P.shape[0]} rows, expected {lay.N}")
+            rows = lay.N if side == "right" else lay.M
+            if P.shape[0] != rows:
+                raise ValueError(f"fastlora: basis of {name!r} has {P.shape[0]} rows, expected {rows}")
             dev = devices.get(name) if isinstance(devices, Mapping) else devices
-            lay.sums = {"Y": torch.zeros(lay.M, P.shape[1], dtype=dtype, device=dev)}
+            shape = (lay.M, P.shape[1]) if side == "right" else (P.shape[1], lay.N)
+            lay.sums = {"Y": torch.zeros(shape, dtype=dtype, device=dev)}
             self.layers[name] = lay
             self.bases[name] = P.to(device=dev, dtype=dtype)
 
     def add(self, name: str, x: torch.Tensor, dy: torch.Tensor) -> None:
         lay = self.layers[name]
-        a, b = lay.operands(x, dy)
+        a, b = lay.operands(x, dy)  # A = aᵀ·b,  a [T, M], b [T, N]
         P = self.bases[name]
         if P.device != b.device:
             P = self.bases[name] = P.to(b.device)
         Y = lay.sums["Y"]
-        Y.add_(mm_wide(a.t(), mm_wide(b, P)).to(Y.device, Y.dtype))
+        # right: aᵀ·(b·P)  [M, q];  left: (a·Q)ᵀ·b = Qᵀ·aᵀ·b  [q, N]
+        y = mm_wide(a.t(), mm_wide(b, P)) if self.side == "right" else mm_wide(mm_wide(a, P).t(), b)
+        Y.add_(y.to(Y.device, Y.dtype))
         self.updates[name] += 1
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -450,9 +481,25 @@ class RangeAccumulator(GradientAccumulator):
     def result(self, num_batches: int) -> dict[str, LowRankGradient]:
         out = {}
         for name, lay in self.layers.items():
-            Y = lay.sums["Y"]
-            Uh, S, Vt = torch.linalg.svd(Y.double(), full_matrices=False)
-            V = self.bases[name].to(Y.device).double() @ Vt.t()
-            U, S, Vh = lay.to_g(Uh, S / num_batches, V.t())
+            Y = lay.sums["Y"].double()
+            basis = self.bases[name].to(Y.device).double()
+            if self.side == "right":  # A·P = Û·S·V̂ᵀ  ->  A·P·Pᵀ = Û·S·(P·V̂)ᵀ
+                U, S, Vt = torch.linalg.svd(Y, full_matrices=False)
+                Vh = (basis @ Vt.t()).t()
+            else:  # Qᵀ·A = Ũ·S·Vh  ->  Q·Qᵀ·A = (Q·Ũ)·S·Vh
+                Ut, S, Vh = torch.linalg.svd(Y, full_matrices=False)
+                U = basis @ Ut
+            S = S / num_batches
+            self.energies[name] = float((S[: self.top[name] or len(S)] ** 2).sum())
+            U, S, Vh = lay.to_g(U, S, Vh)
             out[name] = LowRankGradient(*(t.to(self.dtype).contiguous() for t in (U, S, Vh)))
+        return out
+
+    def next_bases(self) -> dict[str, torch.Tensor]:
+        """The bases of the next pass, on the other side: ``orth(A·P)`` (``[M, q]``) after a right
+        pass, ``orth((Qᵀ·A)ᵀ)`` (``[N, q]``) after a left one -- one step of subspace iteration."""
+        out = {}
+        for name, lay in self.layers.items():
+            Y = lay.sums["Y"].double()
+            out[name] = torch.linalg.qr(Y if self.side == "right" else Y.t()).Q.to(self.dtype)
         return out

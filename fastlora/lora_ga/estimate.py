@@ -34,7 +34,7 @@ from ..patching import TargetSpec
 from .accumulators import DenseAccumulator, GradientAccumulator, HostAccumulator
 from .offload import BlockOffloader, OffloadPlan, resolve_offload
 from .sketch import (
-    AUTO_ENERGY_TOLERANCE,
+    AUTO_ALIGNMENT_TOLERANCE,
     AUTO_ERROR_THRESHOLD,
     AUTO_MAX_PASSES,
     PROBES,
@@ -42,6 +42,7 @@ from .sketch import (
     SketchAccumulator,
     SketchedGradient,
     leading_ranks,
+    predicted_alignment,
     sketch_widths,
 )
 from .targets import accumulation_dtype, default_targets, target_shapes
@@ -416,10 +417,10 @@ def estimate_gradient(
             data -- 1: the single-pass reconstruction; 2: one projection pass (a power iteration);
             each further pass one more subspace iteration. ``"auto"`` stops after the first pass
             when its a-posteriori error estimate says the leading triplets are reliable (gradients
-            with structure), else runs projection passes until the top-2r energy of all layers
-            rises by at most ``AUTO_ENERGY_TOLERANCE`` (2 %) from one pass to the next (so at least
-            3 passes on a flat spectrum), at most ``max_passes``, and warns if it had not settled
-            by then. More than one pass needs re-iterable ``data`` (a list, a DataLoader); with a
+            with structure), else runs projection passes until the first-step alignment predicted
+            from the top-2r energy of all layers (``predicted_alignment``) rises by at most
+            ``AUTO_ALIGNMENT_TOLERANCE`` (0.01) from one pass to the next (so at least 3 passes on
+            a flat spectrum), at most ``max_passes``, and warns if it had not settled by then. More than one pass needs re-iterable ``data`` (a list, a DataLoader); with a
             one-shot iterator ``"auto"`` keeps the single pass and warns.
         max_passes: the most passes ``passes="auto"`` takes (default 4).
         seed: seed of the sketch's random test matrices (must be the same on every rank).
@@ -533,8 +534,10 @@ def _estimate_sketched(
         return SketchedGradient(factors, n, 1, sizes, errors)
     bases, side = first.corange_bases(), "right"
     sizes = {name: (sizes[name][0], bases[name].shape[1]) for name in shapes}
+    total = first.total_energy(n)
     del first, factors
     energies: list[float] = []
+    alignments: list[float] = []
     taken = 1
     while taken < limit:
         if dist is not None:  # every rank must multiply by the very same basis
@@ -552,25 +555,21 @@ def _estimate_sketched(
             )
         factors = acc.result(n)
         energies.append(sum(acc.energies.values()))
-        if auto and len(energies) >= 2 and _energy_change(energies) <= AUTO_ENERGY_TOLERANCE:
+        alignments.append(predicted_alignment(energies[-1], total))
+        if auto and len(alignments) >= 2 and alignments[-1] - alignments[-2] <= AUTO_ALIGNMENT_TOLERANCE:
             break
         if taken < limit:
             bases, side = acc.next_bases(), "left" if side == "right" else "right"
         del acc
-    if auto and len(energies) >= 2 and _energy_change(energies) > AUTO_ENERGY_TOLERANCE:
+    if auto and len(alignments) >= 2 and alignments[-1] - alignments[-2] > AUTO_ALIGNMENT_TOLERANCE:
         k = max(ks.values())
         warnings.warn(
-            f"{_WHO}: passes='auto' stopped at max_passes={limit} before the sketch converged: the top-2r "
-            f"gradient energy of all {len(shapes)} layers still rose by {_energy_change(energies):.1%} in the last "
-            f"pass (tolerance {AUTO_ENERGY_TOLERANCE:.0%}), so the LoRA-GA init may align less with full "
-            f"fine-tuning than the exact one. Allow more passes (max_passes={limit + 2}, or passes={limit + 2}), "
-            f"widen the sketch (sketch={2 * k}), or estimate exactly (sketch=None)",
+            f"{_WHO}: passes='auto' stopped at max_passes={limit} before the sketch converged: the top-2r gradient "
+            f"energy of all {len(shapes)} layers still rose by {(energies[-1] - energies[-2]) / energies[-1]:.1%} in "
+            f"the last pass, which predicts a first-step alignment {alignments[-1] - alignments[-2]:.3f} higher "
+            f"(tolerance {AUTO_ALIGNMENT_TOLERANCE}), so the LoRA-GA init may align less with full fine-tuning than "
+            f"the exact one. Allow more passes (max_passes={limit + 2}, or passes={limit + 2}), widen the sketch "
+            f"(sketch={2 * k}), or estimate exactly (sketch=None)",
             stacklevel=3,
         )
-    return SketchedGradient(factors, n, taken, sizes, errors, energies)
-
-
-def _energy_change(energies: list[float]) -> float:
-    """Relative rise of the model-wide top-2r energy in the last pass."""
-    last, before = energies[-1], energies[-2]
-    return (last - before) / max(abs(last), torch.finfo(torch.float64).tiny)
+    return SketchedGradient(factors, n, taken, sizes, errors, energies, alignments)

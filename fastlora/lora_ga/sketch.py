@@ -68,7 +68,7 @@ from .accumulators import GradientAccumulator
 from .products import mm_wide
 
 __all__ = [
-    "AUTO_ENERGY_TOLERANCE",
+    "AUTO_ALIGNMENT_TOLERANCE",
     "AUTO_ERROR_THRESHOLD",
     "AUTO_MAX_PASSES",
     "PROBES",
@@ -78,6 +78,7 @@ __all__ = [
     "SketchedGradient",
     "auto_sketch_size",
     "leading_ranks",
+    "predicted_alignment",
     "reconstruct",
     "sketch_widths",
     "test_matrix",
@@ -93,9 +94,10 @@ AUTO_MIN_OVERSAMPLE = 16
 PROBES = 10
 # passes="auto" goes on past the first pass when a layer's estimated ‖A − Â‖² / Σ_{i≤top} Ŝᵢ² exceeds this.
 AUTO_ERROR_THRESHOLD = 0.2
-# ... and then stops once the model-wide top-2r energy of a projection pass rose by at most this
-# fraction over the previous pass's (bench/NOTES.md, "passes='auto'"), or at max_passes.
-AUTO_ENERGY_TOLERANCE = 0.02
+# ... and then stops once the first-step alignment predicted from the top-2r energy
+# (predicted_alignment) rose by at most this over the previous pass (bench/NOTES.md,
+# "passes='auto'"), or at max_passes.
+AUTO_ALIGNMENT_TOLERANCE = 0.01
 AUTO_MAX_PASSES = 4
 
 
@@ -126,6 +128,20 @@ def sketch_widths(sketch: int | str, targets: Mapping[str, nn.Module]) -> dict[s
     if isinstance(sketch, bool) or not isinstance(sketch, int) or sketch < 1:
         raise ValueError(f"fastlora: sketch must be 'auto', a positive int or None; got {sketch!r}")
     return dict.fromkeys(targets, sketch)
+
+
+def predicted_alignment(energy: float, total: float) -> float:
+    """The first-step alignment of a LoRA-GA init predicted from the gradient energy it captures.
+
+    With ``B`` and ``A`` from the top-2r singular vectors of ``G`` (any split of the 2r between
+    them), one step changes the weight by ``d ∝ B·Bᵀ·G + G·Aᵀ·A``, and ``⟨d, G⟩ = ‖d‖² =
+    Σ_{i≤2r} σᵢ²`` (the cross term vanishes), so ``cos(d, G) = sqrt(Σ_{i≤2r} σᵢ² / ‖G‖²_F)``; over
+    layers of equal scale, ``sqrt(energy / total)`` with both summed over layers. ``energy`` from
+    a projection pass is a lower bound of the exact one and rises with every pass; ``total`` is the
+    probes' estimate of ``Σ ‖G‖²_F``. (LoRA-GA's default stable scale weights layers by
+    ``out^(1/2)``, so the measured alignment differs somewhat; the *rise* is what ``passes="auto"`` uses.)
+    """
+    return math.sqrt(min(1.0, energy / total)) if total > 0 else 0.0
 
 
 def leading_ranks(targets: Mapping[str, nn.Module], ks: Mapping[str, int]) -> dict[str, int]:
@@ -184,7 +200,9 @@ class SketchedGradient(Mapping[str, LowRankGradient]):
         errors: ``{name: ε}``, the first pass's a-posteriori estimate of ``‖G − Ĝ‖²_F / Σ Ŝᵢ²`` over
             the leading triplets that matter (see the module docstring); empty without probes.
         energies: the model-wide energy ``Σ_layers Σ_{i≤2r} Sᵢ²`` after each projection pass (the
-            second on; empty for one pass): what ``passes="auto"`` watches settle.
+            second on; empty for one pass).
+        alignments: :func:`predicted_alignment` after each projection pass: what
+            ``passes="auto"`` watches settle.
     """
 
     def __init__(
@@ -195,6 +213,7 @@ class SketchedGradient(Mapping[str, LowRankGradient]):
         sizes: dict[str, tuple[int, int]],
         errors: Mapping[str, float] | None = None,
         energies: Sequence[float] = (),
+        alignments: Sequence[float] = (),
     ) -> None:
         self._factors = dict(factors)
         self.num_batches = int(num_batches)
@@ -202,6 +221,7 @@ class SketchedGradient(Mapping[str, LowRankGradient]):
         self.sizes = dict(sizes)
         self.errors = dict(errors or {})
         self.energies = list(energies)
+        self.alignments = list(alignments)
 
     def __getitem__(self, name: str) -> LowRankGradient:
         return self._factors[name]
@@ -218,7 +238,9 @@ class SketchedGradient(Mapping[str, LowRankGradient]):
     def to(self, device: torch.device | str) -> SketchedGradient:
         """A copy with every factor on ``device``."""
         factors = {k: v.to(device) for k, v in self._factors.items()}
-        return SketchedGradient(factors, self.num_batches, self.passes, self.sizes, self.errors, self.energies)
+        return SketchedGradient(
+            factors, self.num_batches, self.passes, self.sizes, self.errors, self.energies, self.alignments
+        )
 
 
 # -- test matrices and products ----------------------------------------------------------------------------
@@ -402,6 +424,17 @@ class SketchAccumulator(GradientAccumulator):
             U, S, Vh = lay.to_g(U, S / num_batches, Vh)
             out[name] = LowRankGradient(*(t.to(self.dtype).contiguous() for t in (U, S, Vh)))
         return out
+
+    def total_energy(self, num_batches: int) -> float:
+        """The probes' unbiased estimate of ``Σ_layers ‖G‖²_F`` of the averaged gradients
+        (``E‖Φ·A‖²_F = q·‖A‖²_F``); 0 without probes."""
+        if not self.probes:
+            return 0.0
+        total = 0.0
+        for name, lay in self.layers.items():
+            Z = lay.sums["W"][self.sizes[name][1] :].double()
+            total += float((Z**2).sum()) / self.probes / num_batches**2
+        return total
 
     def corange_bases(self) -> dict[str, torch.Tensor]:
         """``P = orth(Wᵀ)`` per layer (``[N, min(l + probes, N)]``, fp32/fp64): the row-space basis of

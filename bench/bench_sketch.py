@@ -188,6 +188,7 @@ def run(args) -> dict:
             "passes_taken": sk.passes,
             "passes_taken_one_batch": sk1.passes,
             "energy_changes": [(b - a) / b for a, b in zip(sk.energies, sk.energies[1:])],
+            "predicted_alignments": sk.alignments,
             "error_max": max(sk.errors.values()) if sk.errors else None,
             "s_per_batch": per_batch,  # per pass over one batch
             "s_fixed_reconstruction": fixed,
@@ -329,8 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     auto = arms.get("sketch-auto", {})
     if "passes_taken" in auto:
         changes = ", ".join(f"{c:.2%}" for c in auto["energy_changes"])
+        pred = ", ".join(f"{c:.4f}" for c in auto["predicted_alignments"])
         print(f"sketch-auto: {auto['passes_taken']} passes (first-pass error estimate max {auto['error_max']:.2f}; "
-              f"top-2r energy rise per pass from the 3rd: {changes or '-'})")  # fmt: skip
+              f"predicted alignment per pass from the 2nd: {pred or '-'}; top-2r energy rise per pass from the "
+              f"3rd: {changes or '-'})")  # fmt: skip
     print(f"wrote {args.json}")
     return 0
 

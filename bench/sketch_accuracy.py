@@ -59,7 +59,7 @@ from fastlora.lora_ga import (
     first_step_alignment,
     top_singular,
 )
-from fastlora.lora_ga.sketch import AUTO_ENERGY_TOLERANCE, AUTO_ERROR_THRESHOLD, AUTO_MAX_PASSES
+from fastlora.lora_ga.sketch import AUTO_ALIGNMENT_TOLERANCE, AUTO_ERROR_THRESHOLD, AUTO_MAX_PASSES
 
 HERE = Path(__file__).resolve().parent
 
@@ -314,7 +314,7 @@ class Case(NamedTuple):
 
 
 # TUNED set AUTO_ERROR_THRESHOLD (the first pass's gate); WIDE-TUNED, with the 8B-width proxy of
-# bench/NOTES.md, AUTO_ENERGY_TOLERANCE (when later passes stop); the rest are held out.
+# bench/NOTES.md, AUTO_ALIGNMENT_TOLERANCE (when later passes stop); the rest are held out.
 TUNED = [
     Case("llama-256 random", "llama", 256, "random", (4, 8)),
     Case("llama-256 text-trained", "llama", 256, "text-trained", (4, 8)),
@@ -392,6 +392,7 @@ def auto_case(label: str, base, data: list[dict], r: int, seeds: int) -> dict:
                 "layer_delta_worst": min(per_layer[n] - per_layer_exact[n] for n in per_layer),
                 "passes_taken": sk.passes,
                 "energy_changes": [(b - a) / b for a, b in zip(sk.energies, sk.energies[1:])],
+                "predicted_alignments": sk.alignments,
                 "error_max": max(sk.errors.values()) if sk.errors else None,
                 "error_median": statistics.median(sk.errors.values()) if sk.errors else None,
                 "seconds": secs,
@@ -427,7 +428,7 @@ def auto_suite(args, save) -> dict:
     corpus = text_bytes()
     results = {
         "threshold": AUTO_ERROR_THRESHOLD,
-        "energy_tolerance": AUTO_ENERGY_TOLERANCE,
+        "alignment_tolerance": AUTO_ALIGNMENT_TOLERANCE,
         "max_passes": AUTO_MAX_PASSES,
         "pretrain_steps": args.pretrain_steps,
         "cases": [],

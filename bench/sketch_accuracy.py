@@ -321,7 +321,7 @@ TUNED = [
     Case("llama-256 text-init", "llama", 256, "text", (8,)),
 ]
 WIDE_TUNED = [
-    Case("llama-1024 random", "llama", 1024, "random", (4, 8, 16), mlp=2.75, heads=16, batches=2, seq=1024),
+    Case("llama-1024 random", "llama", 1024, "random", (4, 16), mlp=2.75, heads=16, batches=2, seq=1024),
 ]
 HELD_OUT = [
     Case("qwen2-160 random", "qwen2", 160, "random", (4, 8)),
@@ -329,9 +329,9 @@ HELD_OUT = [
     Case("phi-160 random", "phi", 160, "random", (4, 8)),
     Case("mistral-448 random", "mistral", 448, "random", (4, 8)),
     Case("llama-512 random", "llama", 512, "random", (4,)),
-    Case("mistral-768 random", "mistral", 768, "random", (4, 8, 16), mlp=3.5, layers=3, heads=12, batches=2, seq=1024),
-    Case("qwen2-896 random", "qwen2", 896, "random", (4, 8, 16), mlp=2.75, layers=2, heads=14, batches=2, seq=1024),
-    Case("gpt2-512 random", "gpt2", 512, "random", (4, 8, 16), mlp=4.0, layers=2, heads=8, batches=2, seq=1024),
+    Case("mistral-768 random", "mistral", 768, "random", (8, 16), mlp=3.5, heads=12, batches=2, seq=1024),
+    Case("qwen2-896 random", "qwen2", 896, "random", (4, 16), mlp=2.75, heads=14, batches=2, seq=1024),
+    Case("gpt2-512 random", "gpt2", 512, "random", (8,), mlp=4.0, heads=8, batches=2, seq=1024),
     Case("qwen2-160 text-trained", "qwen2", 160, "text-trained", (4, 8)),
     Case("gpt2-160 text-trained", "gpt2", 160, "text-trained", (4,)),
 ]

@@ -555,7 +555,8 @@ def _estimate_sketched(
             )
         factors = acc.result(n)
         energies.append(sum(acc.energies.values()))
-        alignments.append(predicted_alignment(energies[-1], total))
+        total = max(total, sum(acc.totals.values()))
+        alignments = [predicted_alignment(e, total) for e in energies]
         if auto and len(alignments) >= 2 and alignments[-1] - alignments[-2] <= AUTO_ALIGNMENT_TOLERANCE:
             break
         if taken < limit:

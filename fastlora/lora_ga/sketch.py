@@ -28,19 +28,31 @@ roles of ``x`` and ``dY``. Memory per layer is then ``k·max(m, n) + l·min(m, n
 **A-posteriori error estimate** (Tropp et al. 2017, §6): ``q`` extra rows ``Φ`` of the co-range
 test matrix (independent Gaussian probes, ``PROBES = 10``) give ``Z = Φ·A`` at the cost of ``q``
 more rows of ``W``; since ``E‖Φ·E‖²_F = q·‖E‖²_F`` for any fixed ``E``, ``‖Z − Φ·Â‖²_F / q`` is an
-unbiased estimate of the reconstruction's squared error ``‖A − Â‖²_F``. Divided by the energy of the
-leading triplets that matter (``Σ Ŝ²`` over the top ``2r`` for LoRA-GA) it says whether those
-triplets can be trusted: on every trained-model gradient measured it is below 0.07, on the flat
-spectra of random-init models above 0.5 (bench/sketch_accuracy.py). ``passes="auto"`` takes the
-second pass below exactly when some layer's estimate exceeds ``AUTO_ERROR_THRESHOLD``.
+unbiased estimate of the reconstruction's squared error ``‖A − Â‖²_F`` (and ``‖Z‖²_F / q`` of
+``‖A‖²_F``). Divided by the energy of the leading triplets that matter (``Σ Ŝ²`` over the top
+``2r`` for LoRA-GA) it says whether those triplets can be trusted: on every trained-model gradient
+measured it is below 0.2, on the flat spectra of random-init models above 0.5
+(bench/sketch_accuracy.py). It measures the tail's weight, not the accuracy of the later passes:
+on a flat spectrum it stays large even for the exact top ``2r``.
 
-**Two passes** (``passes=2``): when the spectrum decays slowly, a second pass over the same batches
-computes ``Y₂ = G·P`` exactly, with ``P = orth(Wᵀ)`` (``n × l``) the row-space basis found by the
-first pass's co-range sketch (its probe rows included). That is the two-pass randomized SVD of Halko, Martinsson, Tropp
-(2011, Alg. 5.1) applied to ``Gᵀ`` with ``l`` columns: ``G ≈ G·P·Pᵀ`` with an exact (not a
-least-squares) projection, and ``range(Y₂) = range(G·Gᵀ·Ψᵀ)``: one power (subspace) iteration for
-the left singular vectors. The SVD of the ``m × l`` matrix ``Y₂ = Û·S·V̂ᵀ`` gives ``U = Û`` and
-``V = P·V̂``.
+**More passes** (``passes=N``): when the spectrum decays slowly, pass 2 computes ``Y₂ = A·P``
+exactly, with ``P = orth(Wᵀ)`` (``N × (l + q)``) the row-space basis found by the first pass's
+co-range sketch and probes: the two-pass randomized SVD of Halko, Martinsson, Tropp (2011,
+Alg. 5.1) applied to ``Aᵀ``, an exact projection ``A ≈ A·P·Pᵀ`` whose SVD (of the small ``Y₂``)
+gives the factors, with ``range(Y₂) = range(A·Aᵀ·Ψᵀ)``. Every further pass is one more step of
+subspace iteration on the other side, same width: pass 3 computes ``Qᵀ·A`` with ``Q = orth(Y₂)``
+(``A ≈ Q·Qᵀ·A``), pass 4 ``A·orth((Qᵀ·A)ᵀ)``, and so on (Halko et al. §4.5, one product per pass
+over the data). The energy a projection keeps in its top ``2r``, ``Σ_{i≤2r} Sᵢ²``, is at most the
+exact one and rises toward it pass by pass; how fast depends on ``σ_{q+1}/σ_{2r}``, which on the
+flat spectra of a random-init 8B model on random tokens is close to 1 (two passes there lost 0.04
+of first-step alignment, bench/NOTES.md).
+
+``passes="auto"`` stops after the first pass when every layer's error estimate is at most
+``AUTO_ERROR_THRESHOLD``; else it runs projection passes, and after each from the third on
+compares the first-step alignment predicted from the captured energy,
+:func:`predicted_alignment` ``= sqrt(Σ_layers Σ_{i≤2r} Sᵢ² / Σ_layers ‖G‖²_F)``, with the previous
+pass's: it stops when the rise is at most ``AUTO_ALIGNMENT_TOLERANCE`` (0.01), or at
+``max_passes`` (default ``AUTO_MAX_PASSES = 4``) with a warning when it had not settled.
 
 **Precision.** Sums are fp32 (fp64 for an fp64 model). The test matrices are Gaussian values
 rounded to bfloat16 (tiny ones flushed to zero), so they are exact in bf16, fp16 and fp32 alike:
@@ -138,10 +150,12 @@ def predicted_alignment(energy: float, total: float) -> float:
     Σ_{i≤2r} σᵢ²`` (the cross term vanishes), so ``cos(d, G) = sqrt(Σ_{i≤2r} σᵢ² / ‖G‖²_F)``; over
     layers of equal scale, ``sqrt(energy / total)`` with both summed over layers. ``energy`` from
     a projection pass is a lower bound of the exact one and rises with every pass; ``total`` is the
-    probes' estimate of ``Σ ‖G‖²_F``. (LoRA-GA's default stable scale weights layers by
-    ``out^(1/2)``, so the measured alignment differs somewhat; the *rise* is what ``passes="auto"`` uses.)
+    probes' estimate of ``Σ ‖G‖²_F``, raised to the projection's whole energy where that is larger
+    (10 probes are noisy where a few directions dominate). LoRA-GA's default stable scale weights
+    layers by ``out^(1/2)``, so the measured alignment differs somewhat; the *rise* from pass to
+    pass is what ``passes="auto"`` uses.
     """
-    return math.sqrt(min(1.0, energy / total)) if total > 0 else 0.0
+    return math.sqrt(energy / total) if total > 0 else 0.0
 
 
 def leading_ranks(targets: Mapping[str, nn.Module], ks: Mapping[str, int]) -> dict[str, int]:
@@ -327,7 +341,7 @@ class SketchAccumulator(GradientAccumulator):
         seed: seed of the test matrices (must be the same on every rank).
         devices: where each layer's sketches live (default: the CPU; pass the layers' devices).
         dtype: accumulation dtype (fp32; fp64 for exactness tests).
-        reconstruct: whether :meth:`result` runs the reconstruction (the first of two passes only
+        reconstruct: whether :meth:`result` runs the reconstruction (the first of several passes only
             needs the co-range bases, :meth:`corange_bases`).
         probes: rows of the error estimate (0: none).
         top: ``{name: t}`` (or one int), the leading triplets the error is measured against
@@ -463,6 +477,8 @@ class RangeAccumulator(GradientAccumulator):
         energies: filled by :meth:`result`: ``{name: Σ_{i≤t} Sᵢ²}`` of the averaged gradient's
             projection over the leading ``top`` triplets (all of them without ``top``), the energy
             LoRA-GA's directions capture; it rises toward the exact value from pass to pass.
+        totals: filled by :meth:`result`: ``{name: Σ Sᵢ²}``, the projection's whole energy (a lower
+            bound of ``‖G‖²_F``).
     """
 
     def __init__(
@@ -482,6 +498,7 @@ class RangeAccumulator(GradientAccumulator):
         self.dtype = dtype
         self.top = dict(top) if isinstance(top, Mapping) else dict.fromkeys(self.shapes, top)
         self.energies: dict[str, float] = {}
+        self.totals: dict[str, float] = {}
         self.layers: dict[str, _Layer] = {}
         self.bases: dict[str, torch.Tensor] = {}
         for name, (m, n) in self.shapes.items():
@@ -524,6 +541,7 @@ class RangeAccumulator(GradientAccumulator):
                 U = basis @ Ut
             S = S / num_batches
             self.energies[name] = float((S[: self.top[name] or len(S)] ** 2).sum())
+            self.totals[name] = float((S**2).sum())
             U, S, Vh = lay.to_g(U, S, Vh)
             out[name] = LowRankGradient(*(t.to(self.dtype).contiguous() for t in (U, S, Vh)))
         return out

@@ -341,7 +341,8 @@ def family_model(
     family: str, hidden: int, layers: int = 2, seed: int = 0, mlp: float = 2.5, heads: int = 4, positions: int = 256
 ):
     """A causal LM of ``family`` with ``hidden`` width, MLP ``mlp`` × hidden, ``heads`` heads (KV heads:
-    half, at most 4), byte vocabulary, ``positions`` positions, random init."""
+    the largest of 1, 2, 4 that divides ``heads`` and is at most half of it), byte vocabulary,
+    ``positions`` positions, random init."""
     import transformers as T
 
     torch.manual_seed(seed)
@@ -356,7 +357,8 @@ def family_model(
         "mistral": (T.MistralConfig, T.MistralForCausalLM),
         "phi": (T.PhiConfig, T.PhiForCausalLM),
     }[family]
-    kv = {} if family == "phi" else {"num_key_value_heads": min(4, heads // 2)}
+    kv_heads = max(d for d in (1, 2, 4) if heads % d == 0 and d <= max(1, heads // 2))
+    kv = {} if family == "phi" else {"num_key_value_heads": kv_heads}
     cfg = config(
         hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
         max_position_embeddings=positions, **kv, **common,

@@ -26,13 +26,17 @@ Models (all run on the CPU in a few minutes):
     python bench/sketch_accuracy.py --quick              # fewer widths/seeds (a smoke run)
 
 ``--auto`` measures instead what a user gets from the defaults, ``patch(method="lora_ga",
-sketch="auto")`` (``passes="auto"``: a second pass only when the first pass's a-posteriori error
-estimate exceeds ``AUTO_ERROR_THRESHOLD``), against the exact init, with ``passes=1`` and ``passes=2``
-beside it, on Llama, Qwen2, GPT-2, Phi and Mistral configs (random init, random tokens: flat
-spectra) and on text-trained models, r = 4 and 8, several sketch seeds. The threshold was set on the
-Llama models of hidden 256 (``TUNED``); the other families and widths are held out:
+sketch="auto")`` (``passes="auto"``: more passes only when the first pass's a-posteriori error
+estimate exceeds ``AUTO_ERROR_THRESHOLD``, then until the predicted alignment rises by at most
+``AUTO_ALIGNMENT_TOLERANCE`` per pass, at most ``AUTO_MAX_PASSES``), against the exact init, with
+``passes=1`` and ``passes=2`` beside it, on Llama, Qwen2, GPT-2, Phi and Mistral configs (random
+init, random tokens: flat spectra; widths 160 to 1024) and on text-trained models, r = 4, 8 and 16,
+three sketch seeds. The threshold was set on the Llama models of hidden 256 (``TUNED``), the
+tolerance on Llama-1024 (``WIDE_TUNED``) and the 8B-shape proxy of bench/NOTES.md; the other
+families and widths are held out:
 
     python bench/sketch_accuracy.py --auto               # writes bench/results/sketch_auto_cpu.json
+    python bench/sketch_accuracy.py --auto --only 1024,768 --json out.json   # cases whose label matches
 """
 
 from __future__ import annotations

@@ -500,8 +500,8 @@ def _estimate_sketched(
     run: _PassSettings,
 ) -> SketchedGradient:
     """The sketched estimate: the single-pass sketch, then as many projection passes (subspace
-    iterations) as ``passes`` asks for or, with ``"auto"``, as the top-2r energy needs to settle
-    (see the module docstring of :mod:`fastlora.lora_ga.sketch`)."""
+    iterations) as ``passes`` asks for or, with ``"auto"``, as the first-step alignment predicted
+    from the top-2r energy needs to settle (see the module docstring of :mod:`fastlora.lora_ga.sketch`)."""
     targets = run.targets
     devices = run.plan.sum_devices(targets)
     top = leading_ranks(targets, ks)
@@ -538,7 +538,7 @@ def _estimate_sketched(
     del first, factors
     energies: list[float] = []
     alignments: list[float] = []
-    taken = 1
+    taken, settled = 1, False
     while taken < limit:
         if dist is not None:  # every rank must multiply by the very same basis
             for P in bases.values():
@@ -557,12 +557,17 @@ def _estimate_sketched(
         energies.append(sum(acc.energies.values()))
         total = max(total, sum(acc.totals.values()))
         alignments = [predicted_alignment(e, total) for e in energies]
-        if auto and len(alignments) >= 2 and alignments[-1] - alignments[-2] <= AUTO_ALIGNMENT_TOLERANCE:
+        settled = auto and len(alignments) >= 2 and alignments[-1] - alignments[-2] <= AUTO_ALIGNMENT_TOLERANCE
+        if dist is not None:  # every rank has the same sums, but one rank deciding otherwise would hang the rest
+            flag = torch.tensor([int(settled)])
+            _collective(dist, flag, "broadcast")
+            settled = bool(flag.item())
+        if settled:
             break
         if taken < limit:
             bases, side = acc.next_bases(), "left" if side == "right" else "right"
         del acc
-    if auto and len(alignments) >= 2 and alignments[-1] - alignments[-2] > AUTO_ALIGNMENT_TOLERANCE:
+    if auto and not settled and len(alignments) >= 2:
         k = max(ks.values())
         warnings.warn(
             f"{_WHO}: passes='auto' stopped at max_passes={limit} before the sketch converged: the top-2r gradient "

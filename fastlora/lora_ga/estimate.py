@@ -558,10 +558,8 @@ def _estimate_sketched(
         total = max(total, sum(acc.totals.values()))
         alignments = [predicted_alignment(e, total) for e in energies]
         settled = auto and len(alignments) >= 2 and alignments[-1] - alignments[-2] <= AUTO_ALIGNMENT_TOLERANCE
-        if dist is not None:  # every rank has the same sums, but one rank deciding otherwise would hang the rest
-            flag = torch.tensor([int(settled)])
-            _collective(dist, flag, "broadcast")
-            settled = bool(flag.item())
+        # no vote across ranks: every rank decides from the same all-reduced sums (an extra collective here
+        # made the 2-rank gloo test abort now and then: tests/test_lora_ga_sketch.py, distributed)
         if settled:
             break
         if taken < limit:

@@ -10,6 +10,9 @@ every decoder linear.
   pass, nothing offloaded); per-batch time from runs over 1 and ``--iters`` batches (the difference)
   and the fixed cost (the reconstruction), peak memory; then the SVD+init from its factors.
 * ``sketch-2pass``: the same with ``passes=2``.
+* ``sketch-auto``: the same with the default ``passes="auto"`` (the first pass's error estimate,
+  then projection passes until the top-2r energy settles, at most ``max_passes=4``): passes taken,
+  the energy's relative rise per pass, and the time per batch and pass.
 * ``exact-cpu``: the dense estimate with fp32 accumulators in host memory (``offload="cpu"``, the
   only way the 32-layer 8B model's 28 GiB of fp32 gradients fit), then the SVD+init from them
   (randomized SVD, q = 4r, 4 power iterations, as the reference).
@@ -20,7 +23,8 @@ Before that, a correctness check of the CUDA sketch path (bf16 activations, mm w
 the hi/lo split): a full-width sketch of a small bf16 model reproduces its dense estimate.
 
     python bench/bench_sketch.py --json $OUT/sketch.json            # on a GPU
-    python bench/bench_sketch.py --tiny                             # CPU smoke run of the script
+    python bench/bench_sketch.py --arms sketch,sketch-2pass,sketch-auto,exact-cpu   # the alignment arms only
+    python bench/bench_sketch.py --tiny                             # CPU smoke run of the script (seconds)
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from common import GIB, fresh, llama8b_config, peak_gib, quantize_linears, sync,
 import fastlora
 from fastlora.lora_ga import auto_sketch_size
 
+ARMS = ("qlora-step", "sketch", "sketch-2pass", "sketch-auto", "exact-cpu")
+
 
 def clock(device: torch.device, fn):
     sync(device)
@@ -46,7 +52,7 @@ def clock(device: torch.device, fn):
 
 
 def gpu_check(device: torch.device) -> dict:
-    """A full-width sketch on CUDA with bf16 activations reproduces the dense estimate."""
+    """A full-width sketch on CUDA with bf16 activations reproduces the dense estimate (1, 2 and 3 passes)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -56,7 +62,7 @@ def gpu_check(device: torch.device) -> dict:
     data = token_batches(3, 2, 128, 512, seed=1, device=device)
     dense = fastlora.estimate_gradient(model, data, progress=False)
     out = {}
-    for passes in (1, 2):
+    for passes in (1, 2, 3):  # 3: the left-side projection pass (Qᵀ·G) on CUDA too
         sk = fastlora.estimate_gradient(model, data, progress=False, sketch=256, passes=passes)
         worst = max(float((sk[n].dense() - dense[n]).norm() / dense[n].norm()) for n in dense)
         out[f"full_width_relerr_passes{passes}"] = worst
@@ -151,31 +157,41 @@ def run(args) -> dict:
         model.eval()
         return {"s_per_step": sec / len(timed), "peak_gib": peak_gib(device)}
 
-    arm("qlora-step", qlora)
+    if "qlora-step" in args.arms:
+        arm("qlora-step", qlora)
 
     factors: dict[str, dict] = {}  # the init's (A, B) per arm, for the alignment at the end
 
-    def sketch(passes: int) -> dict:
+    def sketch(passes: int | str) -> dict:
         fastlora.patch(model, r=r, alpha=alpha)
         est = lambda d: fastlora.estimate_gradient(model, d, sketch="auto", passes=passes, progress=False)  # noqa: E731
         est(warm)
         fresh(device)
-        t1, _ = clock(device, lambda: est(timed[:1]))
+        t1, sk1 = clock(device, lambda: est(timed[:1]))
         peak1 = peak_gib(device)
         fresh(device)
         tn, sk = clock(device, lambda: est(timed))
         peak = max(peak1, peak_gib(device))
-        per_batch = (tn - t1) / max(len(timed) - 1, 1)
+        if sk1.passes == sk.passes:  # per batch and pass: the difference of the two runs
+            per_batch = (tn - t1) / max(len(timed) - 1, 1) / sk.passes
+            fixed = t1 - per_batch * sk.passes
+        else:  # "auto" took a different number of passes on one batch: the fixed cost is not separable
+            per_batch, fixed = tn / (len(timed) * sk.passes), float("nan")
         fastlora.unpatch(model)
         fresh(device)
         t_init, _ = clock(
             device, lambda: fastlora.patch(model, method="lora_ga", r=r, alpha=alpha, grads=sk, progress=False)
         )
-        factors[f"sketch{passes}"] = lora_factors(model)
+        factors[f"sketch-{passes}"] = lora_factors(model)
         sketch_gib = sum((f.U.numel() + f.Vh.numel()) * 4 for f in sk.values()) / GIB
         return {
-            "s_per_batch": per_batch / passes,  # per pass over one batch
-            "s_fixed_reconstruction": t1 - per_batch,
+            "passes_taken": sk.passes,
+            "passes_taken_one_batch": sk1.passes,
+            "energy_changes": [(b - a) / b for a, b in zip(sk.energies, sk.energies[1:])],
+            "predicted_alignments": sk.alignments,
+            "error_max": max(sk.errors.values()) if sk.errors else None,
+            "s_per_batch": per_batch,  # per pass over one batch
+            "s_fixed_reconstruction": fixed,
             "s_total": tn,
             "s_init_from_factors": t_init,
             "peak_gib": peak,
@@ -183,9 +199,9 @@ def run(args) -> dict:
             "sizes_example": next(iter(sk.sizes.values())),
         }
 
-    arm("sketch", lambda: sketch(1))
-    if not args.no_two_pass:
-        arm("sketch-2pass", lambda: sketch(2))
+    for label, passes in (("sketch", 1), ("sketch-2pass", 2), ("sketch-auto", "auto")):
+        if label in args.arms:
+            arm(label, lambda passes=passes: sketch(passes))
 
     exact_est: dict = {}
 
@@ -211,7 +227,7 @@ def run(args) -> dict:
             "host_gib": sum(g.numel() * 4 for g in est.values()) / GIB,
         }
 
-    if not args.no_exact:
+    if "exact-cpu" in args.arms:
         arm("exact-cpu", exact)
 
     if args.profile:
@@ -271,12 +287,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--iters", type=int, default=3, help="timed batches per arm (plus one warm-up)")
-    p.add_argument("--no-exact", action="store_true")
-    p.add_argument("--no-two-pass", action="store_true")
+    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    p.add_argument("--no-exact", action="store_true", help="leave out exact-cpu (and so the alignment)")
+    p.add_argument("--no-two-pass", action="store_true", help="leave out sketch-2pass")
     p.add_argument("--json", type=Path, default=Path("sketch.json"))
     p.add_argument("--profile", type=Path, default=None, help="also write a torch.profiler table to this file")
     p.add_argument("--tiny", action="store_true", help="a small model on the CPU: checks the script, not speed")
     args = p.parse_args(argv)
+    args.arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(args.arms) - set(ARMS))
+    if unknown:
+        p.error(f"unknown arm(s) {unknown}; choose from {ARMS}")
+    dropped = {"exact-cpu"} if args.no_exact else set()
+    dropped |= {"sketch-2pass"} if args.no_two_pass else set()
+    args.arms = [a for a in args.arms if a not in dropped]
     if args.tiny:
         args.seq, args.r, args.layers = min(args.seq, 64), min(args.r, 8), min(args.layers, 2)
     elif not torch.cuda.is_available():
@@ -286,7 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     q = arms.get("qlora-step", {})
     print(f"\n{res['device']}: {res['layers']} layers of the Llama-3-8B shape in NF4, {res['tokens_per_batch']} "
           f"tokens/batch, r={res['r']}, sketch k={res['sketch_k']}")  # fmt: skip
-    print(f"{'arm':14s} {'s/batch':>9s} {'fixed s':>8s} {'init s':>7s} {'peak GiB':>9s} {'mem ÷ qlora':>12s}")
+    print(
+        f"{'arm':14s} {'passes':>6s} {'s/batch':>9s} {'fixed s':>8s} {'init s':>7s} {'peak GiB':>9s} {'mem ÷ qlora':>12s}"
+    )
     for label, a in arms.items():
         if "error" in a:
             print(f"{label:14s} failed: {a['error'][:100]}")
@@ -295,9 +321,19 @@ def main(argv: list[str] | None = None) -> int:
         fixed = a.get("s_fixed_reconstruction", float("nan"))
         init = a.get("s_init_from_factors", a.get("s_init_from_G", float("nan")))
         mr = a["peak_gib"] / q["peak_gib"] if q.get("peak_gib") else float("nan")
-        print(f"{label:14s} {sb:9.3f} {fixed:8.2f} {init:7.2f} {a['peak_gib']:9.2f} {mr:12.3f}")
-    for label, a in res.get("alignment", {}).items():
-        print(f"alignment {label:8s}: all layers {a['cos']:.4f}, worst layer {a['worst_layer_cos']:.4f}")
+        taken = a.get("passes_taken", "")
+        print(f"{label:14s} {taken:>6} {sb:9.3f} {fixed:8.2f} {init:7.2f} {a['peak_gib']:9.2f} {mr:12.3f}")
+    al = res.get("alignment", {})
+    for label, a in al.items():
+        delta = f", Δ vs exact {a['cos'] - al['exact']['cos']:+.4f}" if "exact" in al and label != "exact" else ""
+        print(f"alignment {label:12s}: all layers {a['cos']:.4f}{delta}, worst layer {a['worst_layer_cos']:.4f}")
+    auto = arms.get("sketch-auto", {})
+    if "passes_taken" in auto:
+        changes = ", ".join(f"{c:.2%}" for c in auto["energy_changes"])
+        pred = ", ".join(f"{c:.4f}" for c in auto["predicted_alignments"])
+        print(f"sketch-auto: {auto['passes_taken']} passes (first-pass error estimate max {auto['error_max']:.2f}; "
+              f"predicted alignment per pass from the 2nd: {pred or '-'}; top-2r energy rise per pass from the "
+              f"3rd: {changes or '-'})")  # fmt: skip
     print(f"wrote {args.json}")
     return 0
 

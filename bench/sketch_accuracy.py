@@ -26,13 +26,17 @@ Models (all run on the CPU in a few minutes):
     python bench/sketch_accuracy.py --quick              # fewer widths/seeds (a smoke run)
 
 ``--auto`` measures instead what a user gets from the defaults, ``patch(method="lora_ga",
-sketch="auto")`` (``passes="auto"``: a second pass only when the first pass's a-posteriori error
-estimate exceeds ``AUTO_ERROR_THRESHOLD``), against the exact init, with ``passes=1`` and ``passes=2``
-beside it, on Llama, Qwen2, GPT-2, Phi and Mistral configs (random init, random tokens: flat
-spectra) and on text-trained models, r = 4 and 8, several sketch seeds. The threshold was set on the
-Llama models of hidden 256 (``TUNED``); the other families and widths are held out:
+sketch="auto")`` (``passes="auto"``: more passes only when the first pass's a-posteriori error
+estimate exceeds ``AUTO_ERROR_THRESHOLD``, then until the predicted alignment rises by at most
+``AUTO_ALIGNMENT_TOLERANCE`` per pass, at most ``AUTO_MAX_PASSES``), against the exact init, with
+``passes=1`` and ``passes=2`` beside it, on Llama, Qwen2, GPT-2, Phi and Mistral configs (random
+init, random tokens: flat spectra; widths 160 to 1024) and on text-trained models, r = 4, 8 and 16,
+three sketch seeds. The threshold was set on the Llama models of hidden 256 (``TUNED``), the
+tolerance on Llama-1024 (``WIDE_TUNED``) and the 8B-shape proxy of bench/NOTES.md; the other
+families and widths are held out:
 
     python bench/sketch_accuracy.py --auto               # writes bench/results/sketch_auto_cpu.json
+    python bench/sketch_accuracy.py --auto --only 1024,768 --json out.json   # cases whose label matches
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from common import token_batches
@@ -58,7 +63,7 @@ from fastlora.lora_ga import (
     first_step_alignment,
     top_singular,
 )
-from fastlora.lora_ga.sketch import AUTO_ERROR_THRESHOLD
+from fastlora.lora_ga.sketch import AUTO_ALIGNMENT_TOLERANCE, AUTO_ERROR_THRESHOLD, AUTO_MAX_PASSES
 
 HERE = Path(__file__).resolve().parent
 
@@ -293,31 +298,61 @@ def evaluate(label: str, base, data: list[dict], r: int, args) -> dict:
 
 # -- --auto: the defaults on several families -------------------------------------------------------------------
 
-# (label, family, hidden, data, r values); TUNED set AUTO_ERROR_THRESHOLD, the rest are held out.
+
+class Case(NamedTuple):
+    """One model of the ``--auto`` suite: ``family`` at ``hidden`` width (MLP ``mlp`` × hidden,
+    ``layers`` decoder layers, ``heads`` attention heads), on ``data`` ("random" tokens, "text", or
+    "text-trained": text after a short pretraining), for each LoRA rank in ``ranks``; random-token
+    data is ``batches`` batches of 2 × ``seq`` tokens."""
+
+    label: str
+    family: str
+    hidden: int
+    data: str
+    ranks: tuple[int, ...]
+    mlp: float = 2.5
+    layers: int = 2
+    heads: int = 4
+    batches: int = 6
+    seq: int = 64
+
+
+# TUNED set AUTO_ERROR_THRESHOLD (the first pass's gate); WIDE-TUNED, with the 8B-width proxy of
+# bench/NOTES.md, AUTO_ALIGNMENT_TOLERANCE (when later passes stop); the rest are held out.
 TUNED = [
-    ("llama-256 random", "llama", 256, "random", (4, 8)),
-    ("llama-256 text-trained", "llama", 256, "text-trained", (4, 8)),
-    ("llama-256 text-init", "llama", 256, "text", (8,)),
+    Case("llama-256 random", "llama", 256, "random", (4, 8)),
+    Case("llama-256 text-trained", "llama", 256, "text-trained", (4, 8)),
+    Case("llama-256 text-init", "llama", 256, "text", (8,)),
+]
+WIDE_TUNED = [
+    Case("llama-1024 random", "llama", 1024, "random", (4, 16), mlp=2.75, heads=16, batches=2, seq=1024),
 ]
 HELD_OUT = [
-    ("qwen2-160 random", "qwen2", 160, "random", (4, 8)),
-    ("gpt2-160 random", "gpt2", 160, "random", (4, 8)),
-    ("phi-160 random", "phi", 160, "random", (4, 8)),
-    ("mistral-448 random", "mistral", 448, "random", (4, 8)),
-    ("llama-512 random", "llama", 512, "random", (4,)),
-    ("qwen2-160 text-trained", "qwen2", 160, "text-trained", (4, 8)),
-    ("gpt2-160 text-trained", "gpt2", 160, "text-trained", (4,)),
+    Case("qwen2-160 random", "qwen2", 160, "random", (4, 8)),
+    Case("gpt2-160 random", "gpt2", 160, "random", (4, 8)),
+    Case("phi-160 random", "phi", 160, "random", (4, 8)),
+    Case("mistral-448 random", "mistral", 448, "random", (4, 8)),
+    Case("llama-512 random", "llama", 512, "random", (4,)),
+    Case("mistral-768 random", "mistral", 768, "random", (8, 16), mlp=3.5, heads=12, batches=2, seq=1024),
+    Case("qwen2-896 random", "qwen2", 896, "random", (4, 16), mlp=2.75, heads=14, batches=2, seq=1024),
+    Case("gpt2-512 random", "gpt2", 512, "random", (8,), mlp=4.0, heads=8, batches=2, seq=1024),
+    Case("qwen2-160 text-trained", "qwen2", 160, "text-trained", (4, 8)),
+    Case("gpt2-160 text-trained", "gpt2", 160, "text-trained", (4,)),
 ]
 
 
-def family_model(family: str, hidden: int, layers: int = 2, seed: int = 0):
-    """A causal LM of ``family`` with ``hidden`` width, MLP 2.5×, 4 heads, byte vocabulary, random init."""
+def family_model(
+    family: str, hidden: int, layers: int = 2, seed: int = 0, mlp: float = 2.5, heads: int = 4, positions: int = 256
+):
+    """A causal LM of ``family`` with ``hidden`` width, MLP ``mlp`` × hidden, ``heads`` heads (KV heads:
+    the largest of 1, 2, 4 that divides ``heads`` and is at most half of it), byte vocabulary,
+    ``positions`` positions, random init."""
     import transformers as T
 
     torch.manual_seed(seed)
-    inter, common = hidden * 5 // 2, dict(vocab_size=256, tie_word_embeddings=False)
+    inter, common = int(hidden * mlp), dict(vocab_size=256, tie_word_embeddings=False)
     if family == "gpt2":
-        cfg = T.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=256, n_inner=inter, **common)
+        cfg = T.GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=positions, n_inner=inter, **common)
         cfg.bos_token_id = cfg.eos_token_id = 0
         return T.GPT2LMHeadModel(cfg).eval()
     config, model = {
@@ -326,10 +361,11 @@ def family_model(family: str, hidden: int, layers: int = 2, seed: int = 0):
         "mistral": (T.MistralConfig, T.MistralForCausalLM),
         "phi": (T.PhiConfig, T.PhiForCausalLM),
     }[family]
-    kv = {} if family == "phi" else {"num_key_value_heads": 2}
+    kv_heads = max(d for d in (1, 2, 4) if heads % d == 0 and d <= max(1, heads // 2))
+    kv = {} if family == "phi" else {"num_key_value_heads": kv_heads}
     cfg = config(
-        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=4,
-        max_position_embeddings=256, **kv, **common,
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+        max_position_embeddings=positions, **kv, **common,
     )  # fmt: skip
     return model(cfg).eval()
 
@@ -361,6 +397,8 @@ def auto_case(label: str, base, data: list[dict], r: int, seeds: int) -> dict:
                 "delta": cos - cos_exact,
                 "layer_delta_worst": min(per_layer[n] - per_layer_exact[n] for n in per_layer),
                 "passes_taken": sk.passes,
+                "energy_changes": [(b - a) / b for a, b in zip(sk.energies, sk.energies[1:])],
+                "predicted_alignments": sk.alignments,
                 "error_max": max(sk.errors.values()) if sk.errors else None,
                 "error_median": statistics.median(sk.errors.values()) if sk.errors else None,
                 "seconds": secs,
@@ -378,34 +416,49 @@ def auto_case(label: str, base, data: list[dict], r: int, seeds: int) -> dict:
     }
     for key in ("auto", "1", "2"):
         out[f"delta_worst_{key}"] = min(x[key]["delta"] for x in runs)
-    out["second_pass_taken"] = sum(x["auto"]["passes_taken"] == 2 for x in runs)
+    out["auto_passes"] = [x["auto"]["passes_taken"] for x in runs]
     out["error_max"] = max(x["auto"]["error_max"] for x in runs)
+    out["auto_seconds_vs_one_pass"] = statistics.fmean(x["auto"]["seconds"] / x["1"]["seconds"] for x in runs)
     print(
-        f"  {label:24s} r={r}: exact {cos_exact:.4f}  Δ auto {out['delta_worst_auto']:+.4f} "
-        f"(2nd pass {out['second_pass_taken']}/{seeds}, est. error max {out['error_max']:.3f})  Δ 1 pass "
+        f"  {label:24s} r={r:2d}: exact {cos_exact:.4f}  Δ auto {out['delta_worst_auto']:+.4f} "
+        f"(passes {out['auto_passes']}, est. error max {out['error_max']:.3f})  Δ 1 pass "
         f"{out['delta_worst_1']:+.4f}  Δ 2 passes {out['delta_worst_2']:+.4f}",
         flush=True,
     )
     return out
 
 
-def auto_suite(args) -> dict:
+def auto_suite(args, save) -> dict:
+    """Every case of TUNED, WIDE_TUNED and HELD_OUT whose label contains one of ``args.only``;
+    ``save(results)`` after each (model, r), so an interrupted run keeps what it measured."""
     corpus = text_bytes()
-    results = []
-    for group, cases in (("tuned", TUNED), ("held-out", HELD_OUT)):
-        for label, family, hidden, kind, ranks in cases:
-            base = family_model(family, hidden)
-            if kind == "random":
-                data = token_batches(6, 2, 64, 256, seed=1)
+    results = {
+        "threshold": AUTO_ERROR_THRESHOLD,
+        "alignment_tolerance": AUTO_ALIGNMENT_TOLERANCE,
+        "max_passes": AUTO_MAX_PASSES,
+        "pretrain_steps": args.pretrain_steps,
+        "cases": [],
+    }
+    only = [x for x in (args.only or "").split(",") if x]
+    for group, cases in (("tuned", TUNED), ("wide-tuned", WIDE_TUNED), ("held-out", HELD_OUT)):
+        for case in cases:
+            if only and not any(x in case.label for x in only):
+                continue
+            base = family_model(case.family, case.hidden, case.layers, mlp=case.mlp, heads=case.heads,
+                                positions=max(256, case.seq))  # fmt: skip
+            if case.data == "random":
+                data = token_batches(case.batches, 2, case.seq, 256, seed=1)
             else:
                 data = text_batches(corpus, 6, 4, 128, seed=7, lo=0.9, hi=1.0)
-                if kind == "text-trained":
+                if case.data == "text-trained":
                     pretrain(base, corpus, args.pretrain_steps, 8, 128)
-            for r in ranks:
-                res = auto_case(label, base, data, r, args.seeds)
+            for r in case.ranks:
+                res = auto_case(case.label, base, data, r, args.seeds)
                 res["group"] = group
-                results.append(res)
-    return {"threshold": AUTO_ERROR_THRESHOLD, "pretrain_steps": args.pretrain_steps, "cases": results}
+                res["config"] = case._asdict()
+                results["cases"].append(res)
+                save(results)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -417,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="tiny,small-text,small-init")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--auto", action="store_true", help="the defaults on several families (see the docstring)")
+    p.add_argument("--only", default=None, help="--auto: only the cases whose label contains one of these (a,b,...)")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.batches, args.pretrain_steps = 2, 4, 50
@@ -427,17 +481,19 @@ def main(argv: list[str] | None = None) -> int:
             args.seeds = 3
         if args.pretrain_steps == 400:
             args.pretrain_steps = 300
-        results.update(auto_suite(args))
         path = args.json or HERE / "results" / "sketch_auto_cpu.json"
         path.parent.mkdir(parents=True, exist_ok=True)
+        results.update(auto_suite(args, lambda res: path.write_text(json.dumps({**results, **res}, indent=1))))
         path.write_text(json.dumps(results, indent=1))
         print(
-            f"\n{'model':24s} {'r':>2s} {'cos exact':>9s} {'Δ auto':>8s} {'2nd pass':>8s} {'Δ 1 pass':>9s} {'Δ 2 pass':>9s}"
+            f"\n{'model':24s} {'r':>2s} {'cos exact':>9s} {'Δ auto':>8s} {'auto passes':>11s} {'Δ 1 pass':>9s} "
+            f"{'Δ 2 pass':>9s}"
         )
         for c in results["cases"]:
+            taken = ",".join(map(str, c["auto_passes"]))
             print(
-                f"{c['model']:24s} {c['r']:2d} {c['cos_exact']:9.4f} {c['delta_worst_auto']:+8.4f} "
-                f"{c['second_pass_taken']:>4d}/{len(c['runs'])} {c['delta_worst_1']:+9.4f} {c['delta_worst_2']:+9.4f}"
+                f"{c['model']:24s} {c['r']:2d} {c['cos_exact']:9.4f} {c['delta_worst_auto']:+8.4f} {taken:>11s} "
+                f"{c['delta_worst_1']:+9.4f} {c['delta_worst_2']:+9.4f}"
             )
         print(f"wrote {path}")
         return 0

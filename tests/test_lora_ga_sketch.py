@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -100,12 +101,13 @@ def test_reconstruction_exact_for_low_rank_gradient(transposed):
     torch.testing.assert_close(f.U.t() @ f.U, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-10)
 
 
-def test_full_width_sketch_is_exact_and_two_pass_too():
-    """k = min(out, in): the sketch spans everything, so both passes reproduce G exactly."""
+def test_full_width_sketch_is_exact_and_so_are_later_passes():
+    """k = min(out, in): the sketch spans everything, so every pass (a right projection on pass 2,
+    a left one on pass 3) reproduces G exactly."""
     model = tiny_llama().double()
     data = token_batches(2, seq=16)
     dense = fastlora.estimate_gradient(model, data, progress=False)
-    for passes in (1, 2):
+    for passes in (1, 2, 3):
         est = fastlora.estimate_gradient(model, data, progress=False, sketch=128, passes=passes)
         assert isinstance(est, SketchedGradient) and est.passes == passes and est.num_batches == 2
         for name in dense:
@@ -166,26 +168,121 @@ def test_error_estimate_is_unbiased():
     assert exact.errors["l"] < 1e-12
 
 
-def test_auto_passes_take_the_second_pass_only_when_needed():
+def test_auto_passes_take_more_passes_only_when_needed():
     base = tiny_llama()
     r = 4
     model = fastlora.patch(copy.deepcopy(base), r=r, alpha=2 * r)
-    # random tokens on a random model: flat spectra, the single pass is unreliable -> second pass
+    # random tokens on a random model: flat spectra, the single pass is unreliable -> projection
+    # passes until the predicted alignment settles (here at once: pass 3 adds < 1e-3)
     flat = token_batches(6, seq=16)
     auto = fastlora.estimate_gradient(model, flat, sketch="auto", progress=False)
-    two = fastlora.estimate_gradient(model, flat, sketch="auto", passes=2, progress=False)
-    assert auto.passes == 2 and max(auto.errors.values()) > sketch_module.AUTO_ERROR_THRESHOLD
-    assert set(auto.errors) == set(auto)
-    for name in two:
-        torch.testing.assert_close(auto[name].S, two[name].S)
+    three = fastlora.estimate_gradient(model, flat, sketch="auto", passes=3, progress=False)
+    assert max(auto.errors.values()) > sketch_module.AUTO_ERROR_THRESHOLD
+    assert auto.passes == 3 and len(auto.energies) == len(auto.alignments) == 2 and set(auto.errors) == set(auto)
+    assert auto.energies[1] - auto.energies[0] >= 0 and 0 <= auto.alignments[1] - auto.alignments[0] < 1e-3
+    assert 0.8 < auto.alignments[1] < 1  # the exact init's measured alignment here is ~0.9
+    assert three.energies == auto.energies
+    for name in three:
+        torch.testing.assert_close(auto[name].S, three[name].S)
     # four tokens: every gradient has rank <= 4 < k, the sketch is exact and one pass suffices
     tiny = token_batches(1, batch=1, seq=4)
     one = fastlora.estimate_gradient(model, tiny, sketch="auto", progress=False)
-    assert one.passes == 1 and max(one.errors.values()) < 1e-6
+    assert one.passes == 1 and max(one.errors.values()) < 1e-6 and one.energies == []
     # a one-shot iterator cannot be read twice: the single pass is kept, with a warning naming the layer
-    with pytest.warns(UserWarning, match=r"estimated relative error of .* second pass would fix it"):
+    with pytest.warns(UserWarning, match=r"estimated relative error of .* more passes would fix it"):
         it = fastlora.estimate_gradient(model, iter(flat), sketch="auto", progress=False)
     assert it.passes == 1
+
+
+class _TwoLinear(torch.nn.Module):
+    """Two bias-free linear layers; with a loss ``-Σ y·t`` the last one's gradient is ``tᵀ·h`` (and the
+    first one's ``(t·W₂)ᵀ·x``): pure noise targets give Gaussian gradients, the flattest spectrum there is."""
+
+    def __init__(self, n: int, m: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(n, m, bias=False)
+        self.b = torch.nn.Linear(m, m, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def _linear_loss(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    x, t = batch
+    return -(model(x) * t).sum() / x.shape[0]
+
+
+def _target_batches(n: int, m: int, signal: torch.Tensor | None, noise: float, count: int = 4, tokens: int = 512):
+    """``(x, t)`` batches with ``t = x·signalᵀ + noise·ε``: the gradient is the signal plus a
+    Gaussian matrix of relative size ~ noise / sqrt(tokens)."""
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(count):
+        x = torch.randn(tokens, n, generator=gen)
+        t = noise * torch.randn(tokens, m, generator=gen)
+        out.append((x, t if signal is None else t + x @ signal.t()))
+    return out
+
+
+def _alignment_delta(base: torch.nn.Module, data: list, r: int, **sketch_kw) -> tuple[float, SketchedGradient]:
+    """(the sketched init's first-step alignment minus the exact init's, the sketched estimate)."""
+    model = fastlora.patch(copy.deepcopy(base), r=r, alpha=2 * r)
+    dense = fastlora.estimate_gradient(model, data, loss_fn=_linear_loss, progress=False)
+    est = fastlora.estimate_gradient(model, data, loss_fn=_linear_loss, progress=False, sketch="auto", **sketch_kw)
+    exact = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=r, alpha=2 * r, grads=dense, svd="exact")
+    sketched = fastlora.patch(copy.deepcopy(base), method="lora_ga", r=r, alpha=2 * r, grads=est)
+    return first_step_alignment(sketched, dense)[0] - first_step_alignment(exact, dense)[0], est
+
+
+def test_auto_passes_keep_the_promise_on_a_flat_spectrum_at_width():
+    """Gaussian gradients of 384/512-wide layers with 2048 tokens: the regime of the random-init
+    8B shape on random tokens (bench/NOTES.md: exact alignment ~0.3, two passes lose ~0.04). The
+    rule before issue 15's fix stopped at two passes; passes="auto" must go on until it is within 0.02."""
+    base, r = _TwoLinear(384, 512), 4
+    data = _target_batches(384, 512, None, noise=1.0)
+    two, _ = _alignment_delta(base, data, r, passes=2)
+    assert two < -0.02, two  # the case more passes are for
+    with warnings.catch_warnings():
+        # at max_passes the predicted rise is right at the tolerance here: whether it warns is not the point
+        warnings.simplefilter("ignore")
+        auto, est = _alignment_delta(base, data, r)
+    assert est.passes >= 3 and auto > -0.02, (auto, est.passes, est.alignments)
+
+
+def test_auto_passes_stop_early_on_a_concentrated_spectrum():
+    """A strong rank-8 signal (r = 4: the top 2r) under noise that makes the single pass's error
+    estimate exceed the threshold: the projection passes converge at once, so "auto" stops at pass 3
+    without a warning; with max_passes=2 it stops at 2 (no change to judge, no warning)."""
+    n, m, r = 96, 128, 4
+    gen = torch.Generator().manual_seed(2)
+    signal = torch.randn(m, 8, generator=gen) @ torch.randn(8, n, generator=gen) / 2
+    base, data = _TwoLinear(n, m), _target_batches(n, m, signal, noise=20.0, count=2, tokens=256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        delta, est = _alignment_delta(base, data, r)
+        assert max(est.errors.values()) > sketch_module.AUTO_ERROR_THRESHOLD
+        assert est.passes == 3 and est.alignments[1] - est.alignments[0] < sketch_module.AUTO_ALIGNMENT_TOLERANCE
+        assert delta > -1e-3, delta
+        capped = _alignment_delta(base, data, r, max_passes=2)[1]
+    assert capped.passes == 2
+
+
+def test_auto_passes_warn_when_they_do_not_settle_by_max_passes():
+    base, r = _TwoLinear(384, 512), 4
+    data = _target_batches(384, 512, None, noise=1.0)
+    model = fastlora.patch(copy.deepcopy(base), r=r, alpha=2 * r)
+    with pytest.warns(
+        UserWarning,
+        match=r"max_passes=3 before the sketch converged.*rose by .*alignment .* higher.*passes=5.*sketch=None",
+    ):
+        est = fastlora.estimate_gradient(model, data, loss_fn=_linear_loss, sketch="auto", max_passes=3, progress=False)
+    assert est.passes == 3
+    # explicit passes never warn and never stop early
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        est = fastlora.estimate_gradient(model, data, loss_fn=_linear_loss, sketch="auto", passes=3, progress=False)
+    assert est.passes == 3 and len(est.energies) == 2
 
 
 def test_auto_sketch_keeps_its_promise_on_flat_spectra():
@@ -315,8 +412,11 @@ def test_sketch_errors():
         fastlora.estimate_gradient(base, data, sketch="auto", progress=False)  # unpatched: no rank to size from
     with pytest.raises(ValueError, match="sketch must be"):
         fastlora.estimate_gradient(base, data, sketch=0, progress=False)
-    with pytest.raises(ValueError, match="passes"):
-        fastlora.estimate_gradient(base, data, sketch=8, passes=3, progress=False)
+    for bad in (0, 1.5, True, "two"):
+        with pytest.raises(ValueError, match="passes must be"):
+            fastlora.estimate_gradient(base, data, sketch=8, passes=bad, progress=False)
+    with pytest.raises(ValueError, match="max_passes must be"):
+        fastlora.estimate_gradient(base, data, sketch=8, max_passes=0, progress=False)
     with pytest.raises(ValueError, match="passes=2 is for sketch"):
         fastlora.estimate_gradient(base, data, passes=2, progress=False)
     with pytest.raises(ValueError, match="re-iterable"):

@@ -34,12 +34,15 @@ from ..patching import TargetSpec
 from .accumulators import DenseAccumulator, GradientAccumulator, HostAccumulator
 from .offload import BlockOffloader, OffloadPlan, resolve_offload
 from .sketch import (
+    AUTO_ALIGNMENT_TOLERANCE,
     AUTO_ERROR_THRESHOLD,
+    AUTO_MAX_PASSES,
     PROBES,
     RangeAccumulator,
     SketchAccumulator,
     SketchedGradient,
     leading_ranks,
+    predicted_alignment,
     sketch_widths,
 )
 from .targets import accumulation_dtype, default_targets, target_shapes
@@ -376,6 +379,7 @@ def estimate_gradient(
     blocks: Sequence[nn.Module] | Sequence[str] | None = None,
     sketch: int | str | None = None,
     passes: int | str = "auto",
+    max_passes: int = AUTO_MAX_PASSES,
     seed: int = 0,
 ) -> GradientEstimate | SketchedGradient:
     """Average the full-weight gradient of every target linear layer over ``iters`` batches.
@@ -409,10 +413,16 @@ def estimate_gradient(
         sketch: ``None`` (the dense estimate), or a randomized sketch of width ``k`` per layer (an int,
             or ``"auto"``: from each LoRA layer's rank) that yields only the top singular triplets,
             in ``O((out+in)·k)`` memory per layer (:mod:`fastlora.lora_ga.sketch`).
-        passes: with ``sketch``: ``"auto"`` (default: one pass, and a second one over the data only
-            when the first pass's a-posteriori error estimate says its leading triplets are
-            unreliable), 1, or 2 (always two). A second pass needs re-iterable ``data`` (a list, a
-            DataLoader); with a one-shot iterator ``"auto"`` keeps the single pass and warns.
+        passes: with ``sketch``: ``"auto"`` (default), or an int ``N``: exactly ``N`` passes over the
+            data -- 1: the single-pass reconstruction; 2: one projection pass (a power iteration);
+            each further pass one more subspace iteration. ``"auto"`` stops after the first pass
+            when its a-posteriori error estimate says the leading triplets are reliable (gradients
+            with structure), else runs projection passes until the first-step alignment predicted
+            from the top-2r energy of all layers (``predicted_alignment``) rises by at most
+            ``AUTO_ALIGNMENT_TOLERANCE`` (0.01) from one pass to the next (so at least 3 passes on
+            a flat spectrum), at most ``max_passes``, and warns if it had not settled by then. More than one pass needs re-iterable ``data`` (a list, a DataLoader); with a
+            one-shot iterator ``"auto"`` keeps the single pass and warns.
+        max_passes: the most passes ``passes="auto"`` takes (default 4).
         seed: seed of the sketch's random test matrices (must be the same on every rank).
 
     Returns:
@@ -431,10 +441,12 @@ def estimate_gradient(
     _check_data(data)
     if not isinstance(iters, int) or isinstance(iters, bool) or iters < 1:
         raise ValueError(f"{_WHO}: iters must be a positive int, got {iters!r}")
-    if passes not in (1, 2, "auto") or isinstance(passes, bool):
-        raise ValueError(f"{_WHO}: passes must be 'auto', 1 or 2, got {passes!r}")
-    if sketch is None and passes == 2:
-        raise ValueError(f"{_WHO}: passes=2 is for sketch=...; the dense estimate is exact in one pass")
+    if passes != "auto" and (not isinstance(passes, int) or isinstance(passes, bool) or passes < 1):
+        raise ValueError(f"{_WHO}: passes must be 'auto' or an int >= 1, got {passes!r}")
+    if not isinstance(max_passes, int) or isinstance(max_passes, bool) or max_passes < 1:
+        raise ValueError(f"{_WHO}: max_passes must be an int >= 1, got {max_passes!r}")
+    if sketch is None and passes not in (1, "auto"):
+        raise ValueError(f"{_WHO}: passes={passes} is for sketch=...; the dense estimate is exact in one pass")
     if sketch is not None and accumulator is not None:
         raise ValueError(f"{_WHO}: accumulator= and sketch= both choose what is accumulated; pass one of them")
     if accumulator is not None and offload == "cpu":
@@ -447,9 +459,9 @@ def estimate_gradient(
     if not targets:
         raise ValueError(f"{_WHO}: no target layer (no linear layer matched target_modules)")
     ks = sketch_widths(sketch, targets) if sketch is not None else None
-    if passes == 2 and iter(data) is data:
+    if passes != "auto" and passes > 1 and iter(data) is data:
         raise ValueError(
-            f"{_WHO}: passes=2 goes over the data twice; pass a re-iterable (a list, a DataLoader without "
+            f"{_WHO}: passes={passes} goes over the data {passes} times; pass a re-iterable (a list, a DataLoader without "
             "shuffling), not an iterator or generator"
         )
     shapes = target_shapes(targets)
@@ -470,7 +482,9 @@ def estimate_gradient(
         finally:
             if own:
                 accumulator.close()
-    return _estimate_sketched(model, data, shapes, ks, passes=passes, seed=seed, dtype=dtype, run=run)
+    return _estimate_sketched(
+        model, data, shapes, ks, passes=passes, max_passes=max_passes, seed=seed, dtype=dtype, run=run
+    )
 
 
 def _estimate_sketched(
@@ -480,52 +494,86 @@ def _estimate_sketched(
     ks: dict[str, int],
     *,
     passes: int | str,
+    max_passes: int,
     seed: int,
     dtype: torch.dtype,
     run: _PassSettings,
 ) -> SketchedGradient:
-    """The sketched estimate: one pass, and a second one when ``passes`` asks for it (see the
-    module docstring of :mod:`fastlora.lora_ga.sketch`)."""
+    """The sketched estimate: the single-pass sketch, then as many projection passes (subspace
+    iterations) as ``passes`` asks for or, with ``"auto"``, as the first-step alignment predicted
+    from the top-2r energy needs to settle (see the module docstring of :mod:`fastlora.lora_ga.sketch`)."""
     targets = run.targets
     devices = run.plan.sum_devices(targets)
+    top = leading_ranks(targets, ks)
+    auto = passes == "auto"
     first = SketchAccumulator(
-        shapes, ks, seed=seed, devices=devices, dtype=dtype, reconstruct=passes != 2, probes=PROBES,
-        top=leading_ranks(targets, ks),
+        shapes, ks, seed=seed, devices=devices, dtype=dtype, reconstruct=auto or passes == 1, probes=PROBES, top=top,
     )  # fmt: skip
     n = _run_pass(model, data, first, run)
     factors = first.result(n)
     errors = first.errors
-    if passes == "auto":
+    dist = _dist_world()
+    limit = max_passes if auto else int(passes)
+    if auto:
         worst = max(errors, key=errors.get)
-        dist = _dist_world()
         # every rank computed the same errors from the same sums; agree on the decision all the same,
-        # and skip the second pass everywhere if any rank's data cannot be read twice
+        # and stay single-pass everywhere if any rank's data cannot be read twice
         again, one_shot = _global_count(dist, [int(errors[worst] > AUTO_ERROR_THRESHOLD), int(iter(data) is data)])
-        if again and one_shot:
+        if again and one_shot and limit > 1:
             warnings.warn(
                 f"{_WHO}: the single-pass sketch of layer {worst!r} has an estimated relative error of "
                 f"{errors[worst]:.2f} (> {AUTO_ERROR_THRESHOLD}), so its leading singular vectors are unreliable "
-                "and the LoRA-GA init may align worse with full fine-tuning than the exact one; a second pass "
+                "and the LoRA-GA init may align worse with full fine-tuning than the exact one; more passes "
                 "would fix it but data is a one-shot iterator: pass a list or a DataLoader",
                 stacklevel=3,
             )
-            again = 0
-        if not again:
-            return SketchedGradient(factors, n, 1, first.sizes, errors)
-    elif passes == 1:
-        return SketchedGradient(factors, n, 1, first.sizes, errors)
-    bases = first.corange_bases()
-    sizes = {name: (first.sizes[name][0], bases[name].shape[1]) for name in shapes}
-    dist = _dist_world()
-    if dist is not None:  # every rank must multiply by the very same basis
-        for P in bases.values():
-            _collective(dist, P, "broadcast")
+        if not again or one_shot:
+            limit = 1
+    sizes = dict(first.sizes)
+    if limit == 1:
+        return SketchedGradient(factors, n, 1, sizes, errors)
+    bases, side = first.corange_bases(), "right"
+    sizes = {name: (sizes[name][0], bases[name].shape[1]) for name in shapes}
+    total = first.total_energy(n)
     del first, factors
-    second = RangeAccumulator(shapes, bases, devices=devices, dtype=dtype)
-    n2 = _run_pass(model, data, second, run, desc="fastlora: estimating gradients (second sketch pass)")
-    if n2 != n:
-        raise ValueError(
-            f"{_WHO}: the second sketch pass saw {n2} batches, the first {n}; the data must yield the same "
-            "batches twice (a DataLoader without shuffling and without drop_last randomness)"
+    energies: list[float] = []
+    alignments: list[float] = []
+    taken, settled = 1, False
+    while taken < limit:
+        if dist is not None:  # every rank must multiply by the very same basis
+            for P in bases.values():
+                _collective(dist, P, "broadcast")
+        acc = RangeAccumulator(shapes, bases, side=side, devices=devices, dtype=dtype, top=top)
+        del bases
+        where = f"up to {limit}" if auto else f"of {limit}"
+        n2 = _run_pass(model, data, acc, run, desc=f"fastlora: estimating gradients (sketch pass {taken + 1} {where})")
+        taken += 1
+        if n2 != n:
+            raise ValueError(
+                f"{_WHO}: sketch pass {taken} saw {n2} batches, the first {n}; the data must yield the same "
+                "batches on every pass (a DataLoader without shuffling and without drop_last randomness)"
+            )
+        factors = acc.result(n)
+        energies.append(sum(acc.energies.values()))
+        total = max(total, sum(acc.totals.values()))
+        alignments = [predicted_alignment(e, total) for e in energies]
+        settled = auto and len(alignments) >= 2 and alignments[-1] - alignments[-2] <= AUTO_ALIGNMENT_TOLERANCE
+        # no vote across ranks: every rank decides from the same all-reduced sums (an extra collective here
+        # made the 2-rank gloo test abort now and then: tests/test_lora_ga_sketch.py, distributed)
+        if settled:
+            break
+        if taken < limit:
+            bases, side = acc.next_bases(), "left" if side == "right" else "right"
+        del acc
+    if auto and not settled and len(alignments) >= 2:
+        k = max(ks.values())
+        warnings.warn(
+            f"{_WHO}: passes='auto' stopped at max_passes={limit} before the sketch converged: the top-2r gradient "
+            f"energy of all {len(shapes)} layers still rose by {(energies[-1] - energies[-2]) / energies[-1]:.1%} in "
+            f"the last pass, which predicts a first-step alignment {alignments[-1] - alignments[-2]:.3f} higher "
+            f"(tolerance {AUTO_ALIGNMENT_TOLERANCE}), so the LoRA-GA init may align less with full fine-tuning than "
+            f"the exact one. Allow more passes (max_passes={limit + 2}, or passes={limit + 2}), widen the sketch "
+            f"(sketch={2 * k}), or estimate exactly (sketch=None)",
+            stacklevel=3,
         )
-    return SketchedGradient(second.result(n2), n2, 2, sizes, errors)
+    return SketchedGradient(factors, n, taken, sizes, errors, energies, alignments)

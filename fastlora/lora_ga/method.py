@@ -27,6 +27,7 @@ from .init import (
     lora_ga_factors,
     offset_in_base,
 )
+from .sketch import AUTO_MAX_PASSES
 
 __all__ = ["init_lora_ga"]
 
@@ -64,6 +65,7 @@ def init_lora_ga(
     progress: bool = True,
     sketch: int | str | None = None,
     passes: int | str = "auto",
+    max_passes: int = AUTO_MAX_PASSES,
 ) -> None:
     """The ``method="lora_ga"`` init of :func:`fastlora.patch` (keyword arguments of ``patch``).
 
@@ -90,8 +92,9 @@ def init_lora_ga(
         sketch: ``None`` (dense estimate), or estimate only the top singular vectors from randomized
             sketches of width ``k`` (an int >= 2r, or ``"auto"``: ``auto_sketch_size(r)``), in
             ``O((out+in)·k)`` memory per layer instead of ``out·in`` (:mod:`fastlora.lora_ga.sketch`).
-        passes: with ``sketch``: ``"auto"`` (a second pass over ``data`` only when the first pass's
-            error estimate asks for it), 1 or 2; see :func:`fastlora.estimate_gradient`.
+        passes, max_passes: with ``sketch``: ``"auto"`` (one pass where the first pass's error
+            estimate trusts it, else passes until the top-2r energy settles, at most ``max_passes``)
+            or an int (exactly that many passes); see :func:`fastlora.estimate_gradient`.
     """
     _check_choice("direction", direction, DIRECTIONS)
     _check_choice("scale", scale, SCALES)
@@ -124,7 +127,7 @@ def init_lora_ga(
             )
         grads = estimate_gradient(
             model, data, iters=iters, loss_fn=loss_fn, offload=offload, progress=progress, targets=layers,
-            sketch=sketch, passes=passes, seed=seed,
+            sketch=sketch, passes=passes, max_passes=max_passes, seed=seed,
         )  # fmt: skip
     else:
         missing = [n for n in layers if n not in grads]

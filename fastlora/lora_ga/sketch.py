@@ -28,19 +28,31 @@ roles of ``x`` and ``dY``. Memory per layer is then ``k·max(m, n) + l·min(m, n
 **A-posteriori error estimate** (Tropp et al. 2017, §6): ``q`` extra rows ``Φ`` of the co-range
 test matrix (independent Gaussian probes, ``PROBES = 10``) give ``Z = Φ·A`` at the cost of ``q``
 more rows of ``W``; since ``E‖Φ·E‖²_F = q·‖E‖²_F`` for any fixed ``E``, ``‖Z − Φ·Â‖²_F / q`` is an
-unbiased estimate of the reconstruction's squared error ``‖A − Â‖²_F``. Divided by the energy of the
-leading triplets that matter (``Σ Ŝ²`` over the top ``2r`` for LoRA-GA) it says whether those
-triplets can be trusted: on every trained-model gradient measured it is below 0.07, on the flat
-spectra of random-init models above 0.5 (bench/sketch_accuracy.py). ``passes="auto"`` takes the
-second pass below exactly when some layer's estimate exceeds ``AUTO_ERROR_THRESHOLD``.
+unbiased estimate of the reconstruction's squared error ``‖A − Â‖²_F`` (and ``‖Z‖²_F / q`` of
+``‖A‖²_F``). Divided by the energy of the leading triplets that matter (``Σ Ŝ²`` over the top
+``2r`` for LoRA-GA) it says whether those triplets can be trusted: on every trained-model gradient
+measured it is below 0.2, on the flat spectra of random-init models above 0.5
+(bench/sketch_accuracy.py). It measures the tail's weight, not the accuracy of the later passes:
+on a flat spectrum it stays large even for the exact top ``2r``.
 
-**Two passes** (``passes=2``): when the spectrum decays slowly, a second pass over the same batches
-computes ``Y₂ = G·P`` exactly, with ``P = orth(Wᵀ)`` (``n × l``) the row-space basis found by the
-first pass's co-range sketch (its probe rows included). That is the two-pass randomized SVD of Halko, Martinsson, Tropp
-(2011, Alg. 5.1) applied to ``Gᵀ`` with ``l`` columns: ``G ≈ G·P·Pᵀ`` with an exact (not a
-least-squares) projection, and ``range(Y₂) = range(G·Gᵀ·Ψᵀ)``: one power (subspace) iteration for
-the left singular vectors. The SVD of the ``m × l`` matrix ``Y₂ = Û·S·V̂ᵀ`` gives ``U = Û`` and
-``V = P·V̂``.
+**More passes** (``passes=N``): when the spectrum decays slowly, pass 2 computes ``Y₂ = A·P``
+exactly, with ``P = orth(Wᵀ)`` (``N × (l + q)``) the row-space basis found by the first pass's
+co-range sketch and probes: the two-pass randomized SVD of Halko, Martinsson, Tropp (2011,
+Alg. 5.1) applied to ``Aᵀ``, an exact projection ``A ≈ A·P·Pᵀ`` whose SVD (of the small ``Y₂``)
+gives the factors, with ``range(Y₂) = range(A·Aᵀ·Ψᵀ)``. Every further pass is one more step of
+subspace iteration on the other side, same width: pass 3 computes ``Qᵀ·A`` with ``Q = orth(Y₂)``
+(``A ≈ Q·Qᵀ·A``), pass 4 ``A·orth((Qᵀ·A)ᵀ)``, and so on (Halko et al. §4.5, one product per pass
+over the data). The energy a projection keeps in its top ``2r``, ``Σ_{i≤2r} Sᵢ²``, is at most the
+exact one and rises toward it pass by pass; how fast depends on ``σ_{q+1}/σ_{2r}``, which on the
+flat spectra of a random-init 8B model on random tokens is close to 1 (two passes there lost 0.04
+of first-step alignment, bench/NOTES.md).
+
+``passes="auto"`` stops after the first pass when every layer's error estimate is at most
+``AUTO_ERROR_THRESHOLD``; else it runs projection passes, and after each from the third on
+compares the first-step alignment predicted from the captured energy,
+:func:`predicted_alignment` ``= sqrt(Σ_layers Σ_{i≤2r} Sᵢ² / Σ_layers ‖G‖²_F)``, with the previous
+pass's: it stops when the rise is at most ``AUTO_ALIGNMENT_TOLERANCE`` (0.01), or at
+``max_passes`` (default ``AUTO_MAX_PASSES = 4``) with a warning when it had not settled.
 
 **Precision.** Sums are fp32 (fp64 for an fp64 model). The test matrices are Gaussian values
 rounded to bfloat16 (tiny ones flushed to zero), so they are exact in bf16, fp16 and fp32 alike:
@@ -57,7 +69,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -68,7 +80,9 @@ from .accumulators import GradientAccumulator
 from .products import mm_wide
 
 __all__ = [
+    "AUTO_ALIGNMENT_TOLERANCE",
     "AUTO_ERROR_THRESHOLD",
+    "AUTO_MAX_PASSES",
     "PROBES",
     "LowRankGradient",
     "RangeAccumulator",
@@ -76,6 +90,7 @@ __all__ = [
     "SketchedGradient",
     "auto_sketch_size",
     "leading_ranks",
+    "predicted_alignment",
     "reconstruct",
     "sketch_widths",
     "test_matrix",
@@ -89,8 +104,13 @@ AUTO_OVERSAMPLE_FRACTION = 1.0
 AUTO_MIN_OVERSAMPLE = 16
 # Probes of the a-posteriori error estimate (Tropp et al. 2017 §6 use q = 10).
 PROBES = 10
-# passes="auto" takes the second pass when a layer's estimated ‖A − Â‖² / Σ_{i≤top} Ŝᵢ² exceeds this.
+# passes="auto" goes on past the first pass when a layer's estimated ‖A − Â‖² / Σ_{i≤top} Ŝᵢ² exceeds this.
 AUTO_ERROR_THRESHOLD = 0.2
+# ... and then stops once the first-step alignment predicted from the top-2r energy
+# (predicted_alignment) rose by at most this over the previous pass (bench/NOTES.md,
+# "passes='auto'"), or at max_passes.
+AUTO_ALIGNMENT_TOLERANCE = 0.01
+AUTO_MAX_PASSES = 4
 
 
 def auto_sketch_size(r: int) -> int:
@@ -120,6 +140,22 @@ def sketch_widths(sketch: int | str, targets: Mapping[str, nn.Module]) -> dict[s
     if isinstance(sketch, bool) or not isinstance(sketch, int) or sketch < 1:
         raise ValueError(f"fastlora: sketch must be 'auto', a positive int or None; got {sketch!r}")
     return dict.fromkeys(targets, sketch)
+
+
+def predicted_alignment(energy: float, total: float) -> float:
+    """The first-step alignment of a LoRA-GA init predicted from the gradient energy it captures.
+
+    With ``B`` and ``A`` from the top-2r singular vectors of ``G`` (any split of the 2r between
+    them), one step changes the weight by ``d ∝ B·Bᵀ·G + G·Aᵀ·A``, and ``⟨d, G⟩ = ‖d‖² =
+    Σ_{i≤2r} σᵢ²`` (the cross term vanishes), so ``cos(d, G) = sqrt(Σ_{i≤2r} σᵢ² / ‖G‖²_F)``; over
+    layers of equal scale, ``sqrt(energy / total)`` with both summed over layers. ``energy`` from
+    a projection pass is a lower bound of the exact one and rises with every pass; ``total`` is the
+    probes' estimate of ``Σ ‖G‖²_F``, raised to the projection's whole energy where that is larger
+    (10 probes are noisy where a few directions dominate). LoRA-GA's default stable scale weights
+    layers by ``out^(1/2)``, so the measured alignment differs somewhat; the *rise* from pass to
+    pass is what ``passes="auto"`` uses.
+    """
+    return math.sqrt(energy / total) if total > 0 else 0.0
 
 
 def leading_ranks(targets: Mapping[str, nn.Module], ks: Mapping[str, int]) -> dict[str, int]:
@@ -171,10 +207,16 @@ class SketchedGradient(Mapping[str, LowRankGradient]):
 
     Attributes:
         num_batches: batches averaged (over all ranks when distributed).
-        passes: 1 (single-pass reconstruction) or 2 (second pass over the data).
-        sizes: ``{name: (k, l)}``, the range and co-range sketch widths used per layer.
+        passes: passes taken over the data: 1 (the single-pass reconstruction) or more (projection
+            passes, one subspace iteration each).
+        sizes: ``{name: (k, q)}``: the range-sketch width, and the co-range width (one pass) or
+            the projection passes' basis width.
         errors: ``{name: ε}``, the first pass's a-posteriori estimate of ``‖G − Ĝ‖²_F / Σ Ŝᵢ²`` over
             the leading triplets that matter (see the module docstring); empty without probes.
+        energies: the model-wide energy ``Σ_layers Σ_{i≤2r} Sᵢ²`` after each projection pass (the
+            second on; empty for one pass).
+        alignments: :func:`predicted_alignment` after each projection pass: what
+            ``passes="auto"`` watches settle.
     """
 
     def __init__(
@@ -184,12 +226,16 @@ class SketchedGradient(Mapping[str, LowRankGradient]):
         passes: int,
         sizes: dict[str, tuple[int, int]],
         errors: Mapping[str, float] | None = None,
+        energies: Sequence[float] = (),
+        alignments: Sequence[float] = (),
     ) -> None:
         self._factors = dict(factors)
         self.num_batches = int(num_batches)
         self.passes = passes
         self.sizes = dict(sizes)
         self.errors = dict(errors or {})
+        self.energies = list(energies)
+        self.alignments = list(alignments)
 
     def __getitem__(self, name: str) -> LowRankGradient:
         return self._factors[name]
@@ -206,7 +252,9 @@ class SketchedGradient(Mapping[str, LowRankGradient]):
     def to(self, device: torch.device | str) -> SketchedGradient:
         """A copy with every factor on ``device``."""
         factors = {k: v.to(device) for k, v in self._factors.items()}
-        return SketchedGradient(factors, self.num_batches, self.passes, self.sizes, self.errors)
+        return SketchedGradient(
+            factors, self.num_batches, self.passes, self.sizes, self.errors, self.energies, self.alignments
+        )
 
 
 # -- test matrices and products ----------------------------------------------------------------------------
@@ -293,7 +341,7 @@ class SketchAccumulator(GradientAccumulator):
         seed: seed of the test matrices (must be the same on every rank).
         devices: where each layer's sketches live (default: the CPU; pass the layers' devices).
         dtype: accumulation dtype (fp32; fp64 for exactness tests).
-        reconstruct: whether :meth:`result` runs the reconstruction (the first of two passes only
+        reconstruct: whether :meth:`result` runs the reconstruction (the first of several passes only
             needs the co-range bases, :meth:`corange_bases`).
         probes: rows of the error estimate (0: none).
         top: ``{name: t}`` (or one int), the leading triplets the error is measured against
@@ -391,6 +439,17 @@ class SketchAccumulator(GradientAccumulator):
             out[name] = LowRankGradient(*(t.to(self.dtype).contiguous() for t in (U, S, Vh)))
         return out
 
+    def total_energy(self, num_batches: int) -> float:
+        """The probes' unbiased estimate of ``Σ_layers ‖G‖²_F`` of the averaged gradients
+        (``E‖Φ·A‖²_F = q·‖A‖²_F``); 0 without probes."""
+        if not self.probes:
+            return 0.0
+        total = 0.0
+        for name, lay in self.layers.items():
+            Z = lay.sums["W"][self.sizes[name][1] :].double()
+            total += float((Z**2).sum()) / self.probes / num_batches**2
+        return total
+
     def corange_bases(self) -> dict[str, torch.Tensor]:
         """``P = orth(Wᵀ)`` per layer (``[N, min(l + probes, N)]``, fp32/fp64): the row-space basis of
         ``A`` found by the co-range sketch and the probes, the test matrix of the second pass."""
@@ -406,10 +465,20 @@ class SketchAccumulator(GradientAccumulator):
 
 
 class RangeAccumulator(GradientAccumulator):
-    """The second pass: ``Y₂ = A·P`` per layer for given orthonormal ``P [N, q]`` (exact products;
-    ``P`` is fp32 and multiplies half-precision activations as a hi/lo pair, see :func:`mm_wide`).
+    """A projection pass (the second and later passes): per layer the exact product of the sketched
+    matrix ``A`` with a given orthonormal basis -- ``Y = A·P`` (``side="right"``, ``P [N, q]``) or
+    ``Z = Qᵀ·A`` (``side="left"``, ``Q [M, q]``). The bases are fp32 and multiply half-precision
+    activations as a hi/lo pair (see :func:`mm_wide`).
 
-    ``result`` is the SVD of ``G·P·Pᵀ``, see the module docstring.
+    ``result`` is the SVD of the projection ``A·P·Pᵀ`` (or ``Q·Qᵀ·A``), see the module docstring;
+    :meth:`next_bases` gives the next pass's bases (the other side: one subspace iteration per pass).
+
+    Attributes:
+        energies: filled by :meth:`result`: ``{name: Σ_{i≤t} Sᵢ²}`` of the averaged gradient's
+            projection over the leading ``top`` triplets (all of them without ``top``), the energy
+            LoRA-GA's directions capture; it rises toward the exact value from pass to pass.
+        totals: filled by :meth:`result`: ``{name: Σ Sᵢ²}``, the projection's whole energy (a lower
+            bound of ``‖G‖²_F``).
     """
 
     def __init__(
@@ -417,31 +486,43 @@ class RangeAccumulator(GradientAccumulator):
         shapes: Mapping[str, tuple[int, int]],
         bases: Mapping[str, torch.Tensor],
         *,
+        side: str = "right",
         devices: Mapping[str, torch.device] | torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        top: int | Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(shapes)
+        if side not in ("right", "left"):
+            raise ValueError(f"fastlora: side must be 'right' or 'left', got {side!r}")
+        self.side = side
         self.dtype = dtype
+        self.top = dict(top) if isinstance(top, Mapping) else dict.fromkeys(self.shapes, top)
+        self.energies: dict[str, float] = {}
+        self.totals: dict[str, float] = {}
         self.layers: dict[str, _Layer] = {}
         self.bases: dict[str, torch.Tensor] = {}
         for name, (m, n) in self.shapes.items():
             lay = _Layer(m, n)
             P = bases[name]
-            if P.shape[0] != lay.N:
-                raise ValueError(f"fastlora: basis of {name!r} has {P.shape[0]} rows, expected {lay.N}")
+            rows = lay.N if side == "right" else lay.M
+            if P.shape[0] != rows:
+                raise ValueError(f"fastlora: basis of {name!r} has {P.shape[0]} rows, expected {rows}")
             dev = devices.get(name) if isinstance(devices, Mapping) else devices
-            lay.sums = {"Y": torch.zeros(lay.M, P.shape[1], dtype=dtype, device=dev)}
+            shape = (lay.M, P.shape[1]) if side == "right" else (P.shape[1], lay.N)
+            lay.sums = {"Y": torch.zeros(shape, dtype=dtype, device=dev)}
             self.layers[name] = lay
             self.bases[name] = P.to(device=dev, dtype=dtype)
 
     def add(self, name: str, x: torch.Tensor, dy: torch.Tensor) -> None:
         lay = self.layers[name]
-        a, b = lay.operands(x, dy)
+        a, b = lay.operands(x, dy)  # A = aᵀ·b,  a [T, M], b [T, N]
         P = self.bases[name]
         if P.device != b.device:
             P = self.bases[name] = P.to(b.device)
         Y = lay.sums["Y"]
-        Y.add_(mm_wide(a.t(), mm_wide(b, P)).to(Y.device, Y.dtype))
+        # right: aᵀ·(b·P)  [M, q];  left: (a·Q)ᵀ·b = Qᵀ·aᵀ·b  [q, N]
+        y = mm_wide(a.t(), mm_wide(b, P)) if self.side == "right" else mm_wide(mm_wide(a, P).t(), b)
+        Y.add_(y.to(Y.device, Y.dtype))
         self.updates[name] += 1
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -450,9 +531,26 @@ class RangeAccumulator(GradientAccumulator):
     def result(self, num_batches: int) -> dict[str, LowRankGradient]:
         out = {}
         for name, lay in self.layers.items():
-            Y = lay.sums["Y"]
-            Uh, S, Vt = torch.linalg.svd(Y.double(), full_matrices=False)
-            V = self.bases[name].to(Y.device).double() @ Vt.t()
-            U, S, Vh = lay.to_g(Uh, S / num_batches, V.t())
+            Y = lay.sums["Y"].double()
+            basis = self.bases[name].to(Y.device).double()
+            if self.side == "right":  # A·P = Û·S·V̂ᵀ  ->  A·P·Pᵀ = Û·S·(P·V̂)ᵀ
+                U, S, Vt = torch.linalg.svd(Y, full_matrices=False)
+                Vh = (basis @ Vt.t()).t()
+            else:  # Qᵀ·A = Ũ·S·Vh  ->  Q·Qᵀ·A = (Q·Ũ)·S·Vh
+                Ut, S, Vh = torch.linalg.svd(Y, full_matrices=False)
+                U = basis @ Ut
+            S = S / num_batches
+            self.energies[name] = float((S[: self.top[name] or len(S)] ** 2).sum())
+            self.totals[name] = float((S**2).sum())
+            U, S, Vh = lay.to_g(U, S, Vh)
             out[name] = LowRankGradient(*(t.to(self.dtype).contiguous() for t in (U, S, Vh)))
+        return out
+
+    def next_bases(self) -> dict[str, torch.Tensor]:
+        """The bases of the next pass, on the other side: ``orth(A·P)`` (``[M, q]``) after a right
+        pass, ``orth((Qᵀ·A)ᵀ)`` (``[N, q]``) after a left one -- one step of subspace iteration."""
+        out = {}
+        for name, lay in self.layers.items():
+            Y = lay.sums["Y"].double()
+            out[name] = torch.linalg.qr(Y if self.side == "right" else Y.t()).Q.to(self.dtype)
         return out

@@ -158,7 +158,9 @@ class LoraLinear(nn.Module):
         plain tensor standing in for it (FSDP2's gathered weight) is rebuilt every call."""
         w = self.base_layer.weight
         qs = getattr(w, "quant_state", None)
-        if qs is None:
+        # Traced by torch.compile the view is built once per graph anyway (and Dynamo refuses to trace
+        # the weak dictionary: a graph break under fullgraph=True).
+        if qs is None or torch.compiler.is_compiling():
             return from_bnb(self.base_layer)
         key = (w.data_ptr(), w.dtype, id(qs), bool(getattr(qs, "packing_format_for_cpu", False)))
         cached = _QUANT_VIEWS.get(w)

@@ -173,7 +173,7 @@ def _use_kernel(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _group_views(bases: Sequence[BaseWeight], device: torch.device) -> list | None:
+def _group_views(bases: Sequence[BaseWeight], device: torch.device) -> tuple | None:
     """The kernels' views of the group's 4-bit weights when one launch can dequantise them all (CUDA,
     2-3 weights of one quantisation), else None."""
     if not (_use_kernel(device) and 2 <= len(bases) <= 3 and triton_available()):

@@ -173,30 +173,38 @@ def dequant_4bit(
     if out is None:
         out = torch.empty((n, k), dtype=dtype, device=packed.device)
     assert out.dtype == dtype and out.shape[0] >= n and out.shape[1] >= k and out.stride(1) == 1
-    log2_exact(blocksize)
-    packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
-    if absmax2 is not None:
-        log2_exact(blocksize2)
-        nest = (absmax2, code2, offset.reshape(1))
-    else:
-        nest = (absmax, absmax, absmax)
-    if block is None:
-        block = (_INTERP_BLOCK_R, _INTERP_BLOCK_K, 4) if interpreting() else (_BLOCK_R, _BLOCK_K, _WARPS)
-    br, bk, warps = block
-    launcher(_dequant4_kernel, packed)[(triton.cdiv(n, br), triton.cdiv(k, bk))](
-        packed.reshape(-1), absmax.reshape(-1), *nest, out, out.stride(0), n, k,
-        NESTED=absmax2 is not None, EVEN_K=k % 2 == 0, K_ALIGNED=k % blocksize == 0, QTYPE=QTYPES[quant_type], BS=blocksize, BS2=blocksize2 if absmax2 is not None else 256,
-        LOOKUP=lookup_code(lookup), BLOCK_R=br, BLOCK_K=bk, num_warps=warps,
-    )  # fmt: skip
+    block = block or _default_block()
+    consts = _constexprs(quant_type, k, blocksize, absmax2 is not None, blocksize2, lookup, block)
+    launcher(_dequant4_kernel, packed)[(triton.cdiv(n, block[0]), triton.cdiv(k, block[1]))](
+        *_pointers(packed, absmax, absmax2, code2, offset), out, out.stride(0), n, k, **consts
+    )
     return out
 
 
-def _pointers(w: Packed4bit) -> tuple[torch.Tensor, ...]:
-    """The five tensors the kernels read for ``w`` (the nested slots repeat absmax when not nested)."""
-    packed = w.packed if w.packed.dtype == torch.uint8 else w.packed.view(torch.uint8)
-    absmax = w.absmax.reshape(-1)
-    nest = (w.absmax2, w.code2, w.offset.reshape(1)) if w.nested else (absmax, absmax, absmax)
+def _default_block() -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_K, num_warps)``: the measured config, or small tiles under the interpreter."""
+    return (_INTERP_BLOCK_R, _INTERP_BLOCK_K, 4) if interpreting() else (_BLOCK_R, _BLOCK_K, _WARPS)
+
+
+def _pointers(packed, absmax, absmax2, code2, offset) -> tuple[torch.Tensor, ...]:
+    """The five tensors the kernels read for one weight (the nested slots repeat absmax when it is
+    not double-quantised; the packed bytes as flat uint8, whatever their storage dtype)."""
+    packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
+    absmax = absmax.reshape(-1)
+    nest = (absmax2, code2, offset.reshape(1)) if absmax2 is not None else (absmax, absmax, absmax)
     return (packed.reshape(-1), absmax, *nest)
+
+
+def _constexprs(quant_type: str, k: int, blocksize: int, nested: bool, blocksize2: int, lookup: str, block) -> dict:
+    """The compile-time arguments both dequantisation kernels take (block sizes checked here)."""
+    log2_exact(blocksize)
+    if nested:
+        log2_exact(blocksize2)
+    br, bk, warps = block
+    return dict(
+        NESTED=nested, EVEN_K=k % 2 == 0, K_ALIGNED=k % blocksize == 0, QTYPE=QTYPES[quant_type], BS=blocksize,
+        BS2=blocksize2 if nested else 256, LOOKUP=lookup_code(lookup), BLOCK_R=br, BLOCK_K=bk, num_warps=warps,
+    )  # fmt: skip
 
 
 def groupable(weights: Sequence[Packed4bit]) -> bool:
@@ -217,23 +225,19 @@ def dequant_group(weights: Sequence[Packed4bit], dtype: torch.dtype, out: torch.
             f"{[(w.shape, w.quant_type, w.blocksize, w.nested) for w in weights]}"
         )
     w0 = weights[0]
-    k, bs = w0.shape[1], w0.blocksize
-    log2_exact(bs)
-    if w0.nested:
-        log2_exact(w0.blocksize2)
+    k = w0.shape[1]
     ns = [w.shape[0] for w in weights]
     assert out.dtype == dtype and out.shape[0] >= sum(ns) and out.shape[1] >= k and out.stride(1) == 1
-    br, bk, warps = (_INTERP_BLOCK_R, _INTERP_BLOCK_K, 4) if interpreting() else (_BLOCK_R, _BLOCK_K, _WARPS)
-    tiles = [triton.cdiv(n, br) for n in ns]
-    ptrs = [_pointers(w) for w in weights]
+    block = _default_block()
+    consts = _constexprs(w0.quant_type, k, w0.blocksize, w0.nested, w0.blocksize2, "gather", block)
+    tiles = [triton.cdiv(n, block[0]) for n in ns]
+    ptrs = [_pointers(w.packed, w.absmax, w.absmax2, w.code2, w.offset) for w in weights]
     ptrs += [ptrs[0]] * (3 - len(ptrs))  # unused slots: never reached (no tiles)
     ns += [0] * (3 - len(ns))
     tiles += [0] * (3 - len(tiles))
-    _dequant4_group_kernel[(sum(tiles), triton.cdiv(k, bk))](
-        *ptrs[0], *ptrs[1], *ptrs[2], out, out.stride(0), *ns, tiles[0], tiles[1], k,
-        NESTED=w0.nested, EVEN_K=k % 2 == 0, K_ALIGNED=k % bs == 0, QTYPE=QTYPES[w0.quant_type], BS=bs,
-        BS2=w0.blocksize2 if w0.nested else 256, LOOKUP=lookup_code("gather"), BLOCK_R=br, BLOCK_K=bk, num_warps=warps,
-    )  # fmt: skip
+    _dequant4_group_kernel[(sum(tiles), triton.cdiv(k, block[1]))](
+        *ptrs[0], *ptrs[1], *ptrs[2], out, out.stride(0), *ns, tiles[0], tiles[1], k, **consts
+    )
     return out
 
 

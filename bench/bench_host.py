@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import queued, sleep_cycles_per_ms
+from common import OneLayer, queued, sleep_cycles_per_ms
 
 K = N = 4096
 R, ALPHA = 16, 32.0
@@ -60,15 +60,9 @@ def _layers(base: str, m: int, p: float, peer: str | None, compiled: bool = Fals
         lin.weight.data.copy_(w)
     lin.requires_grad_(False)
 
-    class Wrap(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.lin = inner
-
-        def forward(self, x):
-            return self.lin(x)
-
-    peft_model = get_peft_model(Wrap(lin), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["lin"], lora_dropout=p))
+    peft_model = get_peft_model(
+        OneLayer(lin), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["lin"], lora_dropout=p)
+    )
     peft_model.train()
     peft_layer = peft_model.base_model.model.lin
     pa, pb = peft_layer.lora_A["default"].weight, peft_layer.lora_B["default"].weight

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 import torch
+from common import OneLayer
 
 R = 16
 SCALING = 2.0
@@ -128,21 +129,13 @@ class Case:
     def peft(self, quant: bool):
         from peft import LoraConfig, get_peft_model
 
-        class Wrap(torch.nn.Module):
-            def __init__(self, lin):
-                super().__init__()
-                self.lin = lin
-
-            def forward(self, x):
-                return self.lin(x)
-
         if quant:
             base = self.lin4
         else:
             base = torch.nn.Linear(self.k, self.n, bias=False, device=self.x.device, dtype=torch.bfloat16)
             base.weight.data.copy_(self.w)
         cfg = LoraConfig(r=R, lora_alpha=R * SCALING, target_modules=["lin"], lora_dropout=0.0)
-        model = get_peft_model(Wrap(base), cfg, autocast_adapter_dtype=False)  # bf16 adapters, no casts
+        model = get_peft_model(OneLayer(base), cfg, autocast_adapter_dtype=False)  # bf16 adapters, no casts
         lyr = model.base_model.model.lin
         lyr.lora_A["default"].weight.data.copy_(self.A)
         lyr.lora_B["default"].weight.data.copy_(self.B)

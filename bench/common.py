@@ -115,3 +115,15 @@ def queued(call, calls: int, one_ms: float, cycles_per_ms: float) -> tuple[float
     end.record()
     end.synchronize()
     return host / calls * 1e3, start.elapsed_time(end) / calls
+
+
+class OneLayer(torch.nn.Module):
+    """A model holding one layer as ``.lin``: what PEFT's ``get_peft_model(..., target_modules=["lin"])``
+    wraps in the single-layer benchmarks."""
+
+    def __init__(self, lin: torch.nn.Module) -> None:
+        super().__init__()
+        self.lin = lin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)

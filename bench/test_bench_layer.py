@@ -7,6 +7,7 @@ Times forward+backward of one r=16 LoRA layer for the same cases as ``bench_laye
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ import torch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+# bench_layer imports bench/common.py as the scripts do (``python bench/bench_layer.py`` puts bench/ on the path).
+sys.path.insert(0, str(Path(__file__).parent))
 _spec = importlib.util.spec_from_file_location("bench_layer", Path(__file__).with_name("bench_layer.py"))
 bench_layer = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench_layer)

@@ -196,22 +196,19 @@ class _GradAverage:
     def __init__(self, params: list[nn.Parameter], group: object | None) -> None:
         import torch.distributed as dist
 
-        self.params, self.group, self.queued = params, group, False
+        self.group, self.queued = group, False
+        self.by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
+        for p in params:
+            self.by_dtype.setdefault(p.dtype, []).append(p)
         src = 0 if group is None else dist.get_global_rank(group, 0)
         with torch.no_grad():
-            for same in self._by_dtype().values():
+            for same in self.by_dtype.values():
                 flat = torch.cat([p.reshape(-1) for p in same])
                 dist.broadcast(flat, src=src, group=group)
                 for p, value in zip(same, flat.split([p.numel() for p in same])):
                     p.copy_(value.view_as(p))
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad)
-
-    def _by_dtype(self) -> dict[torch.dtype, list[nn.Parameter]]:
-        by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
-        for p in self.params:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        return by_dtype
 
     def _on_grad(self, _param: torch.Tensor) -> None:
         if not self.queued:
@@ -224,7 +221,7 @@ class _GradAverage:
 
         self.queued = False
         world = dist.get_world_size(self.group)
-        for params in self._by_dtype().values():
+        for params in self.by_dtype.values():
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
             dist.all_reduce(flat, group=self.group)
             flat.div_(world)

@@ -259,8 +259,22 @@ def profile_step(step, batch, path: Path) -> None:
     tables = [avg.table(sort_by="self_cpu_time_total", row_limit=45, max_name_column_width=70)]
     if batch.is_cuda:
         tables.append(avg.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=70))
+    # The Python side of the same step (cProfile, by own time): which of our functions the host spends
+    # the step in, below the level of torch ops.
+    import cProfile
+    import io
+    import pstats
+
+    if batch.is_cuda:
+        torch.cuda.synchronize()
+    prof_py = cProfile.Profile()
+    prof_py.runcall(step, batch)
+    if batch.is_cuda:
+        torch.cuda.synchronize()
+    py = io.StringIO()
+    pstats.Stats(prof_py, stream=py).sort_stats("tottime").print_stats(40)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"CUDA kernels in one step: {kernels}\n" + "\n".join(tables) + "\n")
+    path.write_text(f"CUDA kernels in one step: {kernels}\n" + "\n".join(tables) + "\n" + py.getvalue())
 
 
 def run_arm(label, build, batches, args, checkpointing: bool = False, compile_model: bool = False) -> dict:

@@ -11,6 +11,8 @@ Arms (``--arms``; all eager unless named ``-compile``, which wraps the model in 
 
     fastlora-nf4            fastlora.patch: grouped q/k/v and fused gated MLP (the default)
     fastlora-nf4-perlayer   fastlora.patch(fuse_blocks=False): one LoraLinear op per projection
+    fastlora-nf4-nofold     fastlora-nf4 with the grouped forward adding each member's LoRA term to its
+                            output instead of folding it into the base GEMM (fastlora.grouped.FOLD_FORWARD)
     peft-bnb-nf4            PEFT LoRA on bitsandbytes Linear4bit
     unsloth-nf4             the PEFT model with its projections routed through Unsloth's LoRA_QKV,
                             LoRA_MLP (apply_lora_mlp_swiglu) and LoRA_W (apply_lora_o), imported from
@@ -58,6 +60,7 @@ ARMS = (
     "unsloth-nf4",
     "fastlora-nf4",
     "fastlora-nf4-perlayer",
+    "fastlora-nf4-nofold",
     "fastlora-bf16",
     "peft-bf16",
     "fastlora-nf4-compile",
@@ -152,7 +155,10 @@ def set_lora_peft(peft_model) -> None:
 # ------------------------------------------------------------------------------------------------
 # arms
 # ------------------------------------------------------------------------------------------------
-def build_fastlora(base, args, fuse: bool):
+def build_fastlora(base, args, fuse: bool, fold: bool = True):
+    from fastlora import grouped
+
+    grouped.FOLD_FORWARD = fold  # set by every fastlora arm: the arms run one after another
     model = fastlora.patch(copy.deepcopy(base), r=args.r, alpha=args.alpha, fuse_blocks=fuse)
     set_lora_fastlora(model)
     return model, [p for p in model.parameters() if p.requires_grad]
@@ -332,6 +338,7 @@ def arm_builders(args, base_nf4, base_bf16, unsloth):
     out = {
         "fastlora-nf4": lambda: build_fastlora(base_nf4, args, True),
         "fastlora-nf4-perlayer": lambda: build_fastlora(base_nf4, args, False),
+        "fastlora-nf4-nofold": lambda: build_fastlora(base_nf4, args, True, fold=False),
         "peft-bnb-nf4": lambda: build_peft(base_nf4, args),
         "fastlora-bf16": lambda: build_fastlora(base_bf16, args, True),
         "peft-bf16": lambda: build_peft(base_bf16, args),

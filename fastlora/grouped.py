@@ -37,7 +37,7 @@ import torch
 from ._dist import is_dtensor
 from .layer import LoraLinear
 from .ops import triton_available
-from .ops.reference import BaseWeight, apply_dropout, autocast_off, base_weight_dense, dropout_mask
+from .ops.reference import BaseWeight, apply_dropout, autocast_off, base_weight_dense, dropout_mask, scaled_mm
 from .quant import QuantizedWeight
 
 __all__ = ["ACTIVATIONS", "GroupCall", "activation_kind", "gated_mlp", "grouped_linear", "member_call"]
@@ -141,18 +141,34 @@ def member_call(members: Sequence[LoraLinear], dtype: torch.dtype, device: torch
 
 
 def factors(call: GroupCall, params: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, list]:
-    """``(A_cat [R, K], [s_i·B_i])`` in ``dtype`` from the members' parameters (no autograd): a frozen
-    LoRA-GA term adds rows ``A0`` to the member's block of A and columns ``−B0`` to its B."""
-    a_list, bs = [], []
-    for i, (s, fz) in enumerate(zip(call.scalings, call.frozen)):
+    """``(A_cat [R, K], [s_i·B_i])`` from the members' parameters (no autograd): a frozen LoRA-GA term
+    adds rows ``A0`` to the member's block of A and columns ``−B0`` to its B.
+
+    A_cat is in ``dtype`` (one ``cat`` that also casts). The scaled B_i keep the parameters' dtype
+    (fp32 by default; one multi-tensor kernel scales them all): most are only copied into the scratch
+    weight, a copy that casts for free; the few readers that multiply by them cast (:func:`_as`).
+    """
+    a_list, b_list = [], []
+    for i, fz in enumerate(call.frozen):
         a, b = params[2 * i].detach(), params[2 * i + 1].detach()
         if fz is not None:
             a = torch.cat([a, fz[0].to(a.dtype)], dim=0)
             b = torch.cat([b, -fz[1].to(b.dtype)], dim=1)
         a_list.append(a)
-        bs.append((b * s).to(dtype))
-    a_cat = (torch.cat(a_list, dim=0) if len(a_list) > 1 else a_list[0]).to(dtype)
+        b_list.append(b)
+    if len(a_list) == 1:
+        a_cat = a_list[0].to(dtype)
+    else:
+        out = torch.empty((call.rank, call.in_features), dtype=dtype, device=a_list[0].device)
+        a_cat = torch.cat(a_list, dim=0, out=out)
+    s = call.scalings
+    bs = torch._foreach_mul(b_list, s[0] if all(v == s[0] for v in s) else list(s))
     return a_cat, bs
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype`` (itself when it already is: no cast launched)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def param_grads(call: GroupCall, da: torch.Tensor | None, dbs: Sequence[torch.Tensor | None], needs) -> list:
@@ -233,10 +249,16 @@ def scratch_weight(call: GroupCall, bs: Sequence[torch.Tensor], dtype: torch.dty
 # ------------------------------------------------------------------------------------------------
 # the grouped projection (plain functions on 2-D tensors; autograd below)
 # ------------------------------------------------------------------------------------------------
+# Whether a forward whose x is narrower than its output folds the LoRA term into the base GEMM (see
+# _forward). The benchmark flips it to compare the two (bench/bench_block.py).
+FOLD_FORWARD = True
+
+
 def _forward(x, call: GroupCall, a_cat, bs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y [M, N], xa [M, R], x to save)``.
 
-    Where x is narrower than the output (q/k/v, gate/up) the LoRA term rides in the base GEMM:
+    Where x is narrower than the output (q/k/v, gate/up) and :data:`FOLD_FORWARD` is set (the
+    default) the LoRA term rides in the base GEMM:
     ``y = [x | xa | 0]·[W0 | blockdiag(s·B) | 0]ᵀ`` -- a copy of x instead of a read and write of y
     per member; the concatenated activation is what backward keeps (x is a view of it), so it costs no
     memory beyond x and xa. Otherwise y = x·W0ᵀ and each member's term is added in place.
@@ -249,7 +271,7 @@ def _forward(x, call: GroupCall, a_cat, bs) -> tuple[torch.Tensor, torch.Tensor,
         )
     else:
         xa = torch.mm(x, a_cat.t())
-    if not _single_dense(call) and k < call.out_features:
+    if FOLD_FORWARD and not _single_dense(call) and k < call.out_features:
         w = scratch_weight(call, bs, x.dtype, x.device, with_b=True)
         r = call.rank
         xcat = torch.empty((m, w.shape[1]), dtype=x.dtype, device=x.device)
@@ -262,16 +284,19 @@ def _forward(x, call: GroupCall, a_cat, bs) -> tuple[torch.Tensor, torch.Tensor,
     y = torch.addmm(call.bias, x, w.t()) if call.bias is not None else torch.mm(x, w.t())
     del w
     if len(bs) == 1:
-        y.addmm_(xa, bs[0].t())
+        y.addmm_(xa, _as(bs[0], y.dtype).t())
     else:
         for (n0, n1), (r0, r1), b in zip(call.ncols, call.nrows, bs):
-            y[:, n0:n1].addmm_(xa[:, r0:r1], b.t())
+            y[:, n0:n1].addmm_(xa[:, r0:r1], _as(b, y.dtype).t())
     return y, xa, x
 
 
-def _backward(dy, x, xa, call: GroupCall, a_cat, bs, need_dx: bool, need_a: bool, need_b: Sequence[bool]):
+def _backward(
+    dy, x, xa, call: GroupCall, a_cat, bs, need_dx: bool, need_a: bool, need_b: Sequence[bool], grad_dtype=None
+):
     """``(dx, d a_cat, [dB_i], g)`` (None where not needed; ``g = [dY_i·(s_i·B_i)]``) for 2-D ``dy``;
     ``dB_i = s_i·dY_iᵀ·xa_i`` is the gradient of member i's trainable ``B`` (its first r_i columns).
+    d a_cat and dB_i in ``grad_dtype`` (the parameters' dtype; default: dy's), see :func:`scaled_mm`.
 
     ``x`` may be None when ``need_a`` is False. With a materialised W0 scratch, dX's base product and g
     come from one GEMM over dY: ``dY·[W0 | blockdiag(s·B)]``.
@@ -287,20 +312,26 @@ def _backward(dy, x, xa, call: GroupCall, a_cat, bs, need_dx: bool, need_a: bool
         # g is copied out (small): dx's in-place update below must not overlap the memory it reads.
         dx, g = out[:, :k], out[:, k : k + call.rank].contiguous()
     else:
+        bs = [_as(b, dy.dtype) for b in bs]
         g = torch.cat([torch.mm(dy[:, c], b) for c, b in zip(cols, bs)], dim=1) if len(bs) > 1 else dy @ bs[0]
         if need_dx:
             dx = torch.mm(dy, call.bases[0])
     # The scaling is the GEMM's alpha (beta = 0 ignores the empty input): dB_i in one cuBLAS call.
     dbs = [
-        torch.addmm(dy.new_empty(()), dy[:, c].t(), xa[:, r.start : r.start + ri], beta=0, alpha=s) if nb else None
+        scaled_mm(dy[:, c].t(), xa[:, r.start : r.start + ri], s, grad_dtype) if nb else None
         for c, r, ri, s, nb in zip(cols, rows, call.ranks, call.scalings, need_b)
     ]
     da = None
     if need_a:
         if call.any_dropout:
-            da = torch.cat([g[:, r].t() @ apply_dropout(x, p, s) for r, p, s in zip(rows, call.dropout, call.seeds)])
+            da = torch.cat(
+                [
+                    scaled_mm(g[:, r].t(), apply_dropout(x, p, s), 1.0, grad_dtype)
+                    for r, p, s in zip(rows, call.dropout, call.seeds)
+                ]
+            )
         else:
-            da = torch.mm(g.t(), x)
+            da = scaled_mm(g.t(), x, 1.0, grad_dtype)
     if need_dx:
         if call.any_dropout:
             for r, p, s in zip(rows, call.dropout, call.seeds):
@@ -320,7 +351,7 @@ class _Grouped(torch.autograd.Function):
             a_cat, bs = factors(call, params, x.dtype)
             y, xa, x_saved = _forward(x, call, a_cat, bs)
         ctx.save_for_backward(x_saved, xa)
-        ctx.call, ctx.a_cat, ctx.bs = call, a_cat, bs
+        ctx.call, ctx.a_cat, ctx.bs, ctx.grad_dtype = call, a_cat, bs, params[0].dtype
         return y
 
     @staticmethod
@@ -331,7 +362,7 @@ class _Grouped(torch.autograd.Function):
         need_b = pneeds[1::2]
         with autocast_off(dy.device.type):
             dx, da, dbs, _ = _backward(
-                dy.contiguous(), x, xa, ctx.call, ctx.a_cat, ctx.bs, needs[0], any(pneeds[0::2]), need_b
+                dy.contiguous(), x, xa, ctx.call, ctx.a_cat, ctx.bs, needs[0], any(pneeds[0::2]), need_b, ctx.grad_dtype
             )
         return dx, None, *param_grads(ctx.call, da, dbs, pneeds)
 
@@ -497,6 +528,7 @@ class _GatedMLP(torch.autograd.Function):
         ctx.save_for_backward(x_saved, eu, xa_gu, ha)
         ctx.kind, ctx.call_gu, ctx.call_d = kind, call_gu, call_d
         ctx.factors = (a_gu, bs_gu, a_d, bs_d)
+        ctx.grad_dtype = params[0].dtype
         return out
 
     @staticmethod
@@ -510,15 +542,16 @@ class _GatedMLP(torch.autograd.Function):
         with autocast_off(dout.device.type):
             # down: dh (and g = dout·s·B) first; h = act(e)·u is recomputed by the activation
             # backward, which writes it over dh, then gives dA of down.
-            dh, _, dbs_d, g = _backward(dout.contiguous(), None, ha, call_d, a_d, bs_d, True, False, needs_d[1::2])
+            gd = ctx.grad_dtype
+            dh, _, dbs_d, g = _backward(dout.contiguous(), None, ha, call_d, a_d, bs_d, True, False, needs_d[1::2], gd)
             h, deu = act_mul_backward(dh, eu, ctx.kind)
             da_d = None
             if needs_d[0]:
                 p, seed = call_d.dropout[0], call_d.seeds[0]
-                da_d = torch.mm(g[:, : call_d.ranks[0]].t(), apply_dropout(h, p, seed))
+                da_d = scaled_mm(g[:, : call_d.ranks[0]].t(), apply_dropout(h, p, seed), 1.0, gd)
             del h, dh
             dx, da_gu, dbs_gu, _ = _backward(
-                deu, x, xa_gu, call_gu, a_gu, bs_gu, needs[0], any(needs_gu[0::2]), needs_gu[1::2]
+                deu, x, xa_gu, call_gu, a_gu, bs_gu, needs[0], any(needs_gu[0::2]), needs_gu[1::2], gd
             )
         return (
             dx,

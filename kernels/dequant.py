@@ -189,10 +189,13 @@ def _default_block() -> tuple[int, int, int]:
 def _pointers(packed, absmax, absmax2, code2, offset) -> tuple[torch.Tensor, ...]:
     """The five tensors the kernels read for one weight (the nested slots repeat absmax when it is
     not double-quantised; the packed bytes as flat uint8, whatever their storage dtype)."""
+    # Each reshape or view is skipped where the tensor already has its form: these run per launch.
     packed = packed if packed.dtype == torch.uint8 else packed.view(torch.uint8)
-    absmax = absmax.reshape(-1)
-    nest = (absmax2, code2, offset.reshape(1)) if absmax2 is not None else (absmax, absmax, absmax)
-    return (packed.reshape(-1), absmax, *nest)
+    packed = packed if packed.dim() == 1 else packed.reshape(-1)
+    absmax = absmax if absmax.dim() == 1 else absmax.reshape(-1)
+    if absmax2 is None:
+        return (packed, absmax, absmax, absmax, absmax)
+    return (packed, absmax, absmax2, code2, offset if offset.dim() == 1 else offset.reshape(1))
 
 
 def _constexprs(quant_type: str, k: int, blocksize: int, nested: bool, blocksize2: int, lookup: str, block) -> dict:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +15,7 @@ from helpers import quantize_model_bnb, relerr, tiny_gpt2, tiny_llama, token_bat
 from torch import nn
 
 import fastlora
-from fastlora import LoraLinear
+from fastlora import LoraLinear, grouped
 from fastlora.blocks import fused_blocks
 from fastlora.grouped import act_mul, act_mul_backward, gated_mlp, grouped_linear
 
@@ -51,6 +56,13 @@ def _layers(
     return layers
 
 
+@pytest.fixture(params=[True, False], ids=["fold", "nofold"])
+def fold(request, monkeypatch):
+    """Both forwards of a grouped op: the LoRA term folded into the base GEMM, or added per member."""
+    monkeypatch.setattr(grouped, "FOLD_FORWARD", request.param)
+    return request.param
+
+
 def _grads(layers, x, outs):
     loss = sum((o.float() * torch.linspace(-1, 1, o.shape[-1], device=o.device)).sum() for o in outs)
     params = [x] + [p for m in layers for p in (m.lora_A, m.lora_B)]
@@ -77,7 +89,7 @@ def _check_grouped(layers, x, seed: int | None = None):
 
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_grouped_fp32_equals_per_layer(bias, frozen):
+def test_grouped_fp32_equals_per_layer(bias, frozen, fold):
     layers = _layers(40, (48, 16, 16), (4, 2, 8), torch.float32, bias=bias, frozen=frozen)
     _check_grouped(layers, torch.randn(3, 5, 40, requires_grad=True))
 
@@ -97,7 +109,7 @@ def _fp64_outputs(layers, x64):
 
 
 @pytest.mark.parametrize("quant", [False, True])
-def test_grouped_bf16_vs_float64(quant):
+def test_grouped_bf16_vs_float64(quant, fold):
     layers = _layers(64, (64, 32, 32), (4, 4, 8), torch.bfloat16, frozen=True, quant=quant)
     x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16) if quant else torch.autocast("cpu", enabled=False):
@@ -121,7 +133,7 @@ def test_grouped_bf16_vs_float64(quant):
         assert relerr(g, r) < 1e-2
 
 
-def test_grouped_nf4_equals_per_layer():
+def test_grouped_nf4_equals_per_layer(fold):
     layers = _layers(64, (64, 32, 32), (4, 2, 8), torch.float32, bias=True, quant=True)
     assert all(m.is_quantized for m in layers)
     x = torch.randn(6, 64, requires_grad=True)
@@ -158,7 +170,7 @@ def _mlp_per_layer(x, gate_up, down, kind):
 
 @pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("variant", ["plain", "frozen", "dropout", "nf4", "phi3"])
-def test_gated_mlp_equals_per_layer(kind, variant):
+def test_gated_mlp_equals_per_layer(kind, variant, fold):
     k, f = 64, 96
     if variant == "phi3":
         gate_up = _layers(k, (2 * f,), (4,), torch.float32)
@@ -494,7 +506,7 @@ def test_single_token_runs_per_layer(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["silu", "gelu_tanh"])
-def test_gpu_grouped_ops_nf4_bf16(kind, device="cuda"):
+def test_gpu_grouped_ops_nf4_bf16(kind, fold, device="cuda"):
     """On CUDA (Triton dequantisation into the scratch, cuBLAS, the activation kernels): q/k/v and
     the gated MLP in bf16 on NF4 bases, against float64 and against the per-layer CUDA ops."""
     qkv = [m.to(device) for m in _layers(256, (512, 128, 128), (16, 16, 8), torch.bfloat16, quant=True, frozen=True)]
@@ -523,3 +535,51 @@ def test_gpu_grouped_ops_nf4_bf16(kind, device="cuda"):
             assert o.dtype == torch.bfloat16 and relerr(o, t) < 1e-2 and relerr(r, t) < 1e-2
         for g, r, t in zip(got, ref, truth):
             assert relerr(g, t) < 1e-2, (relerr(g, t), relerr(r, t))
+    # dA, dB of the fp32 parameters came straight out of their GEMMs in fp32 (addmm's out_dtype), with
+    # no fallback to a cast on this torch.
+    from fastlora.ops import reference
+
+    assert reference._OUT_DTYPE_MM
+
+
+BENCH_BLOCK = Path(__file__).resolve().parents[1] / "bench" / "bench_block.py"
+
+
+@pytest.mark.skipif(not BENCH_BLOCK.is_file(), reason="bench/ is not part of this checkout")
+def test_bench_block_smoke(tmp_path):
+    """``bench/bench_block.py --tiny``: every CPU arm builds, runs one decoder layer forward+backward and
+    is reported (the no-fold arm really runs with the flag off and leaves it on after)."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("peft")
+    out = tmp_path / "block.json"
+    arms = ["nolora-nf4", "peft-bnb-nf4", "fastlora-nf4", "fastlora-nf4-nofold"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_BLOCK), "--tiny", "--models", "1b", "--rounds", "1", "--reps", "1",
+         "--arms", *arms, "--json", str(out)],
+        cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["arm"] for r in rows] == arms
+    assert all(r["host_us"] > 0 for r in rows)
+
+
+def test_fold_flag_changes_only_the_forward_path(monkeypatch):
+    """The two grouped forwards give the same outputs and gradients (fp32, tight), and the flag is
+    what picks the path: the folded one reads a [W0 | B] scratch, the other does not."""
+    layers = _layers(40, (48, 16, 16), (4, 2, 8), torch.float32)
+    x = torch.randn(5, 40, requires_grad=True)
+    results, widths = {}, {}
+    real = grouped.scratch_weight
+    for fold in (True, False):
+        monkeypatch.setattr(grouped, "FOLD_FORWARD", fold)
+        seen = []
+        monkeypatch.setattr(
+            grouped, "scratch_weight", lambda *a, _seen=seen, **k: _seen.append(k["with_b"]) or real(*a, **k)
+        )
+        out = grouped_linear(x, layers)
+        results[fold] = (out, _grads(layers, x, out))
+        widths[fold] = seen
+    assert widths[True][0] is True and widths[False][0] is False  # forward's scratch, then backward's
+    for a, b in zip(results[True][0] + list(results[True][1]), results[False][0] + list(results[False][1])):
+        assert relerr(a, b) < 1e-5

@@ -32,7 +32,7 @@ import torch
 
 from ..kernels import Packed4bit, dequant_packed, interpreting, lora_bwd_aux, lora_down, lora_up_add, seed_tensor
 from ..quant import QuantizedWeight, packed_bytes
-from .reference import autocast_off
+from .reference import autocast_off, scaled_mm
 
 __all__ = ["MERGES", "backward_impl", "forward_impl", "lora_linear_fused", "packed_weight", "supports"]
 
@@ -124,11 +124,6 @@ def _dense(w: torch.Tensor | Packed4bit, dtype: torch.dtype, out: torch.Tensor |
     return w
 
 
-def _scaled_mm(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``s·(a·b)`` as one cuBLAS call (the scale is the GEMM's alpha; beta = 0 ignores the input)."""
-    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
-
-
 def forward_impl(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, merge="auto"):
     """``(y, xa)`` for 2-D ``x``; ``w`` dense or :class:`Packed4bit`."""
     m, k = x.shape
@@ -151,8 +146,11 @@ def forward_impl(x, w, lora_A, lora_B, scaling, bias, dropout_p, seed, merge="au
     return y, xa
 
 
-def backward_impl(dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx=True, needs_lora=True):
-    """``(dx or None, dA or None, dB or None)`` for 2-D ``dy``/``x``.
+def backward_impl(
+    dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_dx=True, needs_lora=True, grad_dtype=None
+):
+    """``(dx or None, dA or None, dB or None)`` for 2-D ``dy``/``x``; dA and dB in ``grad_dtype`` (the
+    parameters' dtype; default: dy's) where the GEMMs write them (no dropout).
 
     Without dropout: g = dy·B, dB = s·dyᵀ·xa and dA = s·gᵀ·x are three cuBLAS calls (on an H100 they
     ran 4-6x faster than the single-pass ``lora_bwd_aux`` kernel at M >= 4096, whose per-row-tile
@@ -171,8 +169,8 @@ def backward_impl(dy, x, w, lora_A, lora_B, xa, scaling, dropout_p, seed, needs_
     else:
         g = torch.mm(dy, lora_B)
         if needs_lora:
-            db = _scaled_mm(dy.t(), xa, scaling)
-            da = _scaled_mm(g.t(), x, scaling)
+            db = scaled_mm(dy.t(), xa, scaling, grad_dtype)
+            da = scaled_mm(g.t(), x, scaling, grad_dtype)
     if not needs_dx:
         return None, da, db
     dx = torch.mm(dy, _dense(w, dy.dtype))
@@ -291,12 +289,14 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 class _LoraLinearFused(torch.autograd.Function):
     """Eager twin of the ops (same implementation, no dispatcher on the way). It takes x of any rank
     and A, B in any float dtype and does the reshapes and casts itself: no view or cast nodes in the
-    autograd graph (the engine casts the returned A/B grads to the parameters' dtype)."""
+    autograd graph; dA and dB come back in the parameters' dtype (written so by their GEMMs where
+    :func:`~fastlora.ops.reference.scaled_mm` can, else cast by the engine)."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed, merge):
         x_shape = x.shape
         x2 = x.reshape(-1, x_shape[-1])
+        ctx.grad_dtype = lora_A.dtype
         lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
         with autocast_off(x.device.type):
             y, xa = forward_impl(x2, weight, lora_A, lora_B, scaling, bias, dropout_p, seed, merge)
@@ -311,7 +311,7 @@ class _LoraLinearFused(torch.autograd.Function):
         with autocast_off(dy.device.type):
             dx, da, db = backward_impl(
                 dy.reshape(-1, dy.shape[-1]), x, ctx.weight, lora_A, lora_B, xa, ctx.scaling, ctx.dropout_p,
-                ctx.seed, needs[0], needs[2] or needs[3],
+                ctx.seed, needs[0], needs[2] or needs[3], ctx.grad_dtype,
             )  # fmt: skip
         dx = dx.view(ctx.x_shape) if dx is not None else None
         dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if needs[4] else None

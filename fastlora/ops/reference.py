@@ -37,6 +37,31 @@ def base_weight_dense(base: BaseWeight, dtype: torch.dtype) -> torch.Tensor:
     return base.to(dtype)
 
 
+def scaled_mm(
+    a: torch.Tensor, b: torch.Tensor, scaling: float = 1.0, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``s·(a·b)`` in ``out_dtype`` (default: a's) as one cuBLAS call: the scale is the GEMM's alpha
+    (beta = 0 ignores the input). A LoRA gradient for fp32 parameters from bf16/fp16 operands is
+    written in fp32 straight from the GEMM's fp32 accumulator on CUDA (``addmm``'s ``out_dtype``): no
+    rounding to bf16 first, and no cast kernel after (the autograd engine casts a gradient whose dtype
+    differs from its parameter's, one launch per parameter and step)."""
+    global _OUT_DTYPE_MM
+    dtype = out_dtype or a.dtype
+    if dtype == a.dtype:
+        return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling)
+    if _OUT_DTYPE_MM and a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.addmm(a.new_empty((), dtype=dtype), a, b, dtype, beta=0, alpha=scaling)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without the overload: cast instead
+            _OUT_DTYPE_MM = False
+    return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling).to(dtype)
+
+
+# Whether this torch's CUDA addmm writes an fp32 result from bf16/fp16 operands (``out_dtype``, added
+# in torch 2.8); cleared on the first call that finds it missing.
+_OUT_DTYPE_MM = True
+
+
 # Constants of the SplitMix64 finaliser, as signed int64 (torch integer arithmetic wraps).
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
 _MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9

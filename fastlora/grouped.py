@@ -12,8 +12,9 @@ and the backward, from ``dY [M, N]``::
     g_i = dY_i·(s_i·B_i)    d(s_i·B_i) = dY_iᵀ·xa_i    d[A] = gᵀ·x    dX = dY·[W]  + g·[A]
 
 LoRA-GA's frozen term of a member is two more rows of ``A`` and columns of ``B``: ``[A; A0]`` and
-``[B, −B0]``, so ``W0 + s·(B·A − B0·A0)`` costs nothing extra. Saved for backward: x and xa only; a
-4-bit W is dequantised again in backward, a dropout mask regenerated from its seed.
+``[B, −B0]``, so ``W0 + s·(B·A − B0·A0)`` costs nothing extra. Saved for backward: x, xa, the bf16
+A_cat and the B parameters themselves (no copies); a 4-bit W is dequantised again in backward, a
+dropout mask regenerated from its seed.
 
 The gated MLP ``down(act(gate(x)) · up(x))`` (act = SiLU or GELU-tanh) is one op on top of these:
 it saves x, the two pre-activations ``[e | u]`` and the small LoRA activations, and recomputes
@@ -141,28 +142,27 @@ def member_call(members: Sequence[LoraLinear], dtype: torch.dtype, device: torch
 
 
 def factors(call: GroupCall, params: Sequence[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, list]:
-    """``(A_cat [R, K], [s_i·B_i])`` from the members' parameters (no autograd): a frozen LoRA-GA term
-    adds rows ``A0`` to the member's block of A and columns ``−B0`` to its B.
+    """``(A_cat [R, K], [B_i])`` from the members' parameters (no autograd): a frozen LoRA-GA term adds
+    rows ``A0`` to the member's block of A and columns ``−B0`` to its B.
 
-    A_cat is in ``dtype`` (one ``cat`` that also casts). The scaled B_i keep the parameters' dtype
-    (fp32 by default; one multi-tensor kernel scales them all): most are only copied into the scratch
-    weight, a copy that casts for free; the few readers that multiply by them cast (:func:`_as`).
+    A_cat is in ``dtype`` (one ``cat`` that also casts). The B_i are the parameters themselves
+    (detached; a new tensor only with a frozen term), unscaled and in their own dtype: each reader
+    applies ``s_i`` and the cast where it reads them -- a multiply into the scratch weight, or the
+    GEMM's alpha -- so nothing B-sized is computed or kept for backward per call.
     """
-    a_list, b_list = [], []
+    a_list, bs = [], []
     for i, fz in enumerate(call.frozen):
         a, b = params[2 * i].detach(), params[2 * i + 1].detach()
         if fz is not None:
             a = torch.cat([a, fz[0].to(a.dtype)], dim=0)
             b = torch.cat([b, -fz[1].to(b.dtype)], dim=1)
         a_list.append(a)
-        b_list.append(b)
+        bs.append(b)
     if len(a_list) == 1:
         a_cat = a_list[0].to(dtype)
     else:
         out = torch.empty((call.rank, call.in_features), dtype=dtype, device=a_list[0].device)
         a_cat = torch.cat(a_list, dim=0, out=out)
-    s = call.scalings
-    bs = torch._foreach_mul(b_list, s[0] if all(v == s[0] for v in s) else list(s))
     return a_cat, bs
 
 
@@ -226,7 +226,8 @@ def _single_dense(call: GroupCall) -> bool:
 def scratch_weight(call: GroupCall, bs: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device,
                    with_b: bool) -> torch.Tensor:  # fmt: skip
     """The members' W0 stacked in one scratch ``[N, K]`` (4-bit weights dequantised into it), or with
-    ``with_b`` ``[N, K + R']``: ``[W0 | blockdiag(s_i·B_i) | 0]`` (R' pads the width to a multiple of 8),
+    ``with_b`` ``[N, K + R']``: ``[W0 | blockdiag(s_i·B_i) | 0]`` from the unscaled ``bs`` (R' pads the
+    width to a multiple of 8),
     the layout in which one GEMM yields both a base product and the LoRA term. From torch's caching
     allocator: the same block is reused call after call."""
     k, n = call.in_features, call.out_features
@@ -241,8 +242,8 @@ def scratch_weight(call: GroupCall, bs: Sequence[torch.Tensor], dtype: torch.dty
             _fill(base, w[n0:n1])
     if with_b:
         w[:, k:].zero_()
-        for (n0, n1), (r0, r1), b in zip(call.ncols, call.nrows, bs):
-            w[n0:n1, k + r0 : k + r1].copy_(b)
+        for (n0, n1), (r0, r1), b, s in zip(call.ncols, call.nrows, bs, call.scalings):
+            torch.mul(b, s, out=w[n0:n1, k + r0 : k + r1])  # scaled and cast in one pass
     return w
 
 
@@ -284,10 +285,10 @@ def _forward(x, call: GroupCall, a_cat, bs) -> tuple[torch.Tensor, torch.Tensor,
     y = torch.addmm(call.bias, x, w.t()) if call.bias is not None else torch.mm(x, w.t())
     del w
     if len(bs) == 1:
-        y.addmm_(xa, _as(bs[0], y.dtype).t())
+        y.addmm_(xa, _as(bs[0], y.dtype).t(), alpha=call.scalings[0])
     else:
-        for (n0, n1), (r0, r1), b in zip(call.ncols, call.nrows, bs):
-            y[:, n0:n1].addmm_(xa[:, r0:r1], _as(b, y.dtype).t())
+        for (n0, n1), (r0, r1), b, s in zip(call.ncols, call.nrows, bs, call.scalings):
+            y[:, n0:n1].addmm_(xa[:, r0:r1], _as(b, y.dtype).t(), alpha=s)
     return y, xa, x
 
 
@@ -312,8 +313,8 @@ def _backward(
         # g is copied out (small): dx's in-place update below must not overlap the memory it reads.
         dx, g = out[:, :k], out[:, k : k + call.rank].contiguous()
     else:
-        bs = [_as(b, dy.dtype) for b in bs]
-        g = torch.cat([torch.mm(dy[:, c], b) for c, b in zip(cols, bs)], dim=1) if len(bs) > 1 else dy @ bs[0]
+        gs = [scaled_mm(dy[:, c], _as(b, dy.dtype), s) for c, b, s in zip(cols, bs, call.scalings)]
+        g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
         if need_dx:
             dx = torch.mm(dy, call.bases[0])
     # The scaling is the GEMM's alpha (beta = 0 ignores the empty input): dB_i in one cuBLAS call.
@@ -350,19 +351,21 @@ class _Grouped(torch.autograd.Function):
         with autocast_off(x.device.type):
             a_cat, bs = factors(call, params, x.dtype)
             y, xa, x_saved = _forward(x, call, a_cat, bs)
-        ctx.save_for_backward(x_saved, xa)
-        ctx.call, ctx.a_cat, ctx.bs, ctx.grad_dtype = call, a_cat, bs, params[0].dtype
+        # The B_i are the parameters themselves: saved (not copied) so that autograd's version check
+        # catches one changed in place before backward.
+        ctx.save_for_backward(x_saved, xa, *bs)
+        ctx.call, ctx.a_cat, ctx.grad_dtype = call, a_cat, params[0].dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa = ctx.saved_tensors
+        x, xa, *bs = ctx.saved_tensors
         needs = ctx.needs_input_grad
         pneeds = needs[2:]
         need_b = pneeds[1::2]
         with autocast_off(dy.device.type):
             dx, da, dbs, _ = _backward(
-                dy.contiguous(), x, xa, ctx.call, ctx.a_cat, ctx.bs, needs[0], any(pneeds[0::2]), need_b, ctx.grad_dtype
+                dy.contiguous(), x, xa, ctx.call, ctx.a_cat, bs, needs[0], any(pneeds[0::2]), need_b, ctx.grad_dtype
             )
         return dx, None, *param_grads(ctx.call, da, dbs, pneeds)
 
@@ -525,16 +528,17 @@ class _GatedMLP(torch.autograd.Function):
             h = act_mul(eu, kind)
             out, ha, _ = _forward(h, call_d, a_d, bs_d)
             del h  # recomputed in backward: only x, [e | u] and the rank-sized activations are kept
-        ctx.save_for_backward(x_saved, eu, xa_gu, ha)
+        ctx.save_for_backward(x_saved, eu, xa_gu, ha, *bs_gu, *bs_d)  # the B_i: see _Grouped
         ctx.kind, ctx.call_gu, ctx.call_d = kind, call_gu, call_d
-        ctx.factors = (a_gu, bs_gu, a_d, bs_d)
+        ctx.factors = (a_gu, a_d)
         ctx.grad_dtype = params[0].dtype
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, eu, xa_gu, ha = ctx.saved_tensors
-        a_gu, bs_gu, a_d, bs_d = ctx.factors
+        x, eu, xa_gu, ha, *bs = ctx.saved_tensors
+        a_gu, a_d = ctx.factors
+        bs_gu, bs_d = bs[:-1], bs[-1:]
         call_gu, call_d = ctx.call_gu, ctx.call_d
         n_gu = 2 * len(call_gu.scalings)
         needs = ctx.needs_input_grad

@@ -583,3 +583,21 @@ def test_fold_flag_changes_only_the_forward_path(monkeypatch):
     assert widths[True][0] is True and widths[False][0] is False  # forward's scratch, then backward's
     for a, b in zip(results[True][0] + list(results[True][1]), results[False][0] + list(results[False][1])):
         assert relerr(a, b) < 1e-5
+
+
+def test_b_changed_in_place_before_backward_is_an_error():
+    """The grouped ops keep the B parameters themselves for backward (no copies): autograd's version
+    counter must catch one changed in place between forward and backward, not use the new values."""
+    layers = _layers(40, (48, 16, 16), (4, 2, 8), torch.float32)
+    x = torch.randn(5, 40, requires_grad=True)
+    out = grouped_linear(x, layers)
+    with torch.no_grad():
+        layers[1].lora_B.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _grads(layers, x, out)
+    gate_up, down = _mlp_layers(40, 64, torch.float32)
+    out = gated_mlp(x, gate_up, down, "silu")
+    with torch.no_grad():
+        down.lora_B.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()

@@ -12,9 +12,9 @@ and the backward, from ``dY [M, N]``::
     g_i = dY_i·(s_i·B_i)    d(s_i·B_i) = dY_iᵀ·xa_i    d[A] = gᵀ·x    dX = dY·[W]  + g·[A]
 
 LoRA-GA's frozen term of a member is two more rows of ``A`` and columns of ``B``: ``[A; A0]`` and
-``[B, −B0]``, so ``W0 + s·(B·A − B0·A0)`` costs nothing extra. Saved for backward: x, xa, the bf16
-A_cat and the B parameters themselves (no copies); a 4-bit W is dequantised again in backward, a
-dropout mask regenerated from its seed.
+``[B, −B0]``, so ``W0 + s·(B·A − B0·A0)`` costs nothing extra. Saved for backward: x, xa and the
+parameters themselves (no copies: the concatenated A is rebuilt from them); a 4-bit W is dequantised
+again in backward, a dropout mask regenerated from its seed.
 
 The gated MLP ``down(act(gate(x)) · up(x))`` (act = SiLU or GELU-tanh) is one op on top of these:
 it saves x, the two pre-activations ``[e | u]`` and the small LoRA activations, and recomputes
@@ -351,21 +351,23 @@ class _Grouped(torch.autograd.Function):
         with autocast_off(x.device.type):
             a_cat, bs = factors(call, params, x.dtype)
             y, xa, x_saved = _forward(x, call, a_cat, bs)
-        # The B_i are the parameters themselves: saved (not copied) so that autograd's version check
-        # catches one changed in place before backward.
-        ctx.save_for_backward(x_saved, xa, *bs)
-        ctx.call, ctx.a_cat, ctx.grad_dtype = call, a_cat, params[0].dtype
+        # The parameters themselves are saved (no copies; autograd's version check catches one changed
+        # in place before backward) and the factors rebuilt from them in backward: one cast-and-cat
+        # launch per group, where keeping the bf16 A_cat would hold R·K elements per group until then.
+        ctx.save_for_backward(x_saved, xa, *params)
+        ctx.call, ctx.dtype = call, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, xa, *bs = ctx.saved_tensors
+        x, xa, *params = ctx.saved_tensors
         needs = ctx.needs_input_grad
         pneeds = needs[2:]
         need_b = pneeds[1::2]
         with autocast_off(dy.device.type):
+            a_cat, bs = factors(ctx.call, params, ctx.dtype)
             dx, da, dbs, _ = _backward(
-                dy.contiguous(), x, xa, ctx.call, ctx.a_cat, bs, needs[0], any(pneeds[0::2]), need_b, ctx.grad_dtype
+                dy.contiguous(), x, xa, ctx.call, a_cat, bs, needs[0], any(pneeds[0::2]), need_b, params[0].dtype
             )
         return dx, None, *param_grads(ctx.call, da, dbs, pneeds)
 
@@ -528,25 +530,23 @@ class _GatedMLP(torch.autograd.Function):
             h = act_mul(eu, kind)
             out, ha, _ = _forward(h, call_d, a_d, bs_d)
             del h  # recomputed in backward: only x, [e | u] and the rank-sized activations are kept
-        ctx.save_for_backward(x_saved, eu, xa_gu, ha, *bs_gu, *bs_d)  # the B_i: see _Grouped
-        ctx.kind, ctx.call_gu, ctx.call_d = kind, call_gu, call_d
-        ctx.factors = (a_gu, a_d)
-        ctx.grad_dtype = params[0].dtype
+        ctx.save_for_backward(x_saved, eu, xa_gu, ha, *params)  # the parameters: see _Grouped
+        ctx.kind, ctx.call_gu, ctx.call_d, ctx.dtype = kind, call_gu, call_d, x.dtype
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, eu, xa_gu, ha, *bs = ctx.saved_tensors
-        a_gu, a_d = ctx.factors
-        bs_gu, bs_d = bs[:-1], bs[-1:]
+        x, eu, xa_gu, ha, *params = ctx.saved_tensors
         call_gu, call_d = ctx.call_gu, ctx.call_d
         n_gu = 2 * len(call_gu.scalings)
         needs = ctx.needs_input_grad
         needs_gu, needs_d = needs[4 : 4 + n_gu], needs[4 + n_gu :]
         with autocast_off(dout.device.type):
+            a_gu, bs_gu = factors(call_gu, params[:n_gu], ctx.dtype)
+            a_d, bs_d = factors(call_d, params[n_gu:], ctx.dtype)
             # down: dh (and g = dout·s·B) first; h = act(e)·u is recomputed by the activation
             # backward, which writes it over dh, then gives dA of down.
-            gd = ctx.grad_dtype
+            gd = params[0].dtype
             dh, _, dbs_d, g = _backward(dout.contiguous(), None, ha, call_d, a_d, bs_d, True, False, needs_d[1::2], gd)
             h, deu = act_mul_backward(dh, eu, ctx.kind)
             da_d = None

@@ -7,7 +7,7 @@ NF4 with double quantisation, r = 16 on every linear, the same weights and A, B 
     host_us   the CPU time of one layer forward + backward: a few calls queued behind a GPU sleep
               kernel longer than the host needs, so the host never waits on the GPU (``common.queued``;
               no more calls than CUDA's launch queue holds), the median of ``--reps`` such loops
-    gpu_us    the GPU time of the same N calls, back to back (CUDA events)
+    gpu_us    the GPU time of the same calls, back to back (CUDA events)
     kernels   CUDA kernels per call (torch.profiler)
 
 A call is ``layer(x, position_embeddings=(cos, sin))`` on ``[batch, seq, hidden]`` bf16 activations
@@ -16,7 +16,7 @@ LoRA parameters. Arms are ``train_step``'s (``--arms``) plus ``nolora-nf4``: the
 layer without any adapter (gradient for x only) -- the attention, norms, rotary and base GEMMs every
 arm pays -- and ``fastlora-nf4-nofold``: the default fastlora layer with the grouped ops' forward
 adding each member's LoRA term to its output instead of folding it into the base GEMM
-(``fastlora.grouped.FOLD_FORWARD``). A layer whose step is host-bound costs max(host_us, gpu_us) in a training step.
+(``fastlora.grouped.FOLD_FORWARD``). In a training step a layer costs about max(host_us, gpu_us).
 
     python bench/bench_block.py --peer .peer --json bench/results/block.json
     python bench/bench_block.py --tiny            # CPU smoke run: host time only, small shapes

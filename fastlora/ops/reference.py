@@ -52,7 +52,7 @@ def scaled_mm(
     if _OUT_DTYPE_MM and a.is_cuda and dtype == torch.float32 and a.dtype in (torch.bfloat16, torch.float16):
         try:
             return torch.addmm(a.new_empty((), dtype=dtype), a, b, dtype, beta=0, alpha=scaling)
-        except (TypeError, RuntimeError, NotImplementedError):  # a torch without the overload: cast instead
+        except (TypeError, NotImplementedError):  # a torch without the overload (or its kernel): cast
             _OUT_DTYPE_MM = False
     return torch.addmm(a.new_empty(()), a, b, beta=0, alpha=scaling).to(dtype)
 

@@ -166,11 +166,6 @@ def factors(call: GroupCall, params: Sequence[torch.Tensor], dtype: torch.dtype)
     return a_cat, bs
 
 
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype`` (itself when it already is: no cast launched)."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def param_grads(call: GroupCall, da: torch.Tensor | None, dbs: Sequence[torch.Tensor | None], needs) -> list:
     """``[dA_1, dB_1, …]`` (None where not needed) from the concatenated A's gradient (each member's
     trainable rows) and the members' dB."""
@@ -227,9 +222,8 @@ def scratch_weight(call: GroupCall, bs: Sequence[torch.Tensor], dtype: torch.dty
                    with_b: bool) -> torch.Tensor:  # fmt: skip
     """The members' W0 stacked in one scratch ``[N, K]`` (4-bit weights dequantised into it), or with
     ``with_b`` ``[N, K + R']``: ``[W0 | blockdiag(s_i·B_i) | 0]`` from the unscaled ``bs`` (R' pads the
-    width to a multiple of 8),
-    the layout in which one GEMM yields both a base product and the LoRA term. From torch's caching
-    allocator: the same block is reused call after call."""
+    width to a multiple of 8), the layout in which one GEMM yields both a base product and the LoRA
+    term. From torch's caching allocator: the same block is reused call after call."""
     k, n = call.in_features, call.out_features
     width = _round8(k + call.rank) if with_b else k
     w = torch.empty((n, width), dtype=dtype, device=device)
@@ -285,10 +279,10 @@ def _forward(x, call: GroupCall, a_cat, bs) -> tuple[torch.Tensor, torch.Tensor,
     y = torch.addmm(call.bias, x, w.t()) if call.bias is not None else torch.mm(x, w.t())
     del w
     if len(bs) == 1:
-        y.addmm_(xa, _as(bs[0], y.dtype).t(), alpha=call.scalings[0])
+        y.addmm_(xa, bs[0].to(y.dtype).t(), alpha=call.scalings[0])
     else:
         for (n0, n1), (r0, r1), b, s in zip(call.ncols, call.nrows, bs, call.scalings):
-            y[:, n0:n1].addmm_(xa[:, r0:r1], _as(b, y.dtype).t(), alpha=s)
+            y[:, n0:n1].addmm_(xa[:, r0:r1], b.to(y.dtype).t(), alpha=s)
     return y, xa, x
 
 
@@ -313,7 +307,7 @@ def _backward(
         # g is copied out (small): dx's in-place update below must not overlap the memory it reads.
         dx, g = out[:, :k], out[:, k : k + call.rank].contiguous()
     else:
-        gs = [scaled_mm(dy[:, c], _as(b, dy.dtype), s) for c, b, s in zip(cols, bs, call.scalings)]
+        gs = [scaled_mm(dy[:, c], b.to(dy.dtype), s) for c, b, s in zip(cols, bs, call.scalings)]
         g = torch.cat(gs, dim=1) if len(gs) > 1 else gs[0]
         if need_dx:
             dx = torch.mm(dy, call.bases[0])

@@ -696,5 +696,19 @@ def main(argv: list[str] | None = None) -> int:
     return worker(args) if args.worker else driver(args, passthrough)
 
 
+def _exit_worker(rc: int) -> None:
+    """End a torchrun rank without the interpreter's teardown. A gloo rank still aborted at exit after
+    the barrier and ``destroy_process_group`` ("terminate called without an active exception": a
+    C++ thread destroyed while joinable during static destruction), once in CI after every arm had
+    finished and its results were written, failing the whole run; everything is flushed, so skipping
+    the destructors loses nothing."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if "--worker" in sys.argv[1:]:
+        _exit_worker(rc)
+    sys.exit(rc)
